@@ -1,0 +1,1 @@
+"""CT volumes, radiology reports, manifests, the phantom dataset and input pipelines."""
