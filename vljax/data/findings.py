@@ -106,23 +106,29 @@ SECTION_FINDINGS: dict[str, tuple[str, ...]] = {
 # Report headers seen for each section (lower case, normalised with `normalize_header`).
 # The first entry is the canonical header the phantom uses most often.
 SECTION_HEADERS: dict[str, tuple[str, ...]] = {
-    "lower_thorax": ("lower thorax", "lower chest", "lung bases", "thorax", "lungs", "chest", "heart and lung bases"),
-    "liver": ("liver", "liver and biliary tree", "hepatobiliary", "liver and biliary", "liver/biliary", "biliary"),
+    "lower_thorax": ("lower thorax", "lower chest", "lung bases", "thorax", "lungs", "chest",
+                     "heart and lung bases", "heart"),
+    "liver": ("liver", "liver and biliary tree", "hepatobiliary", "liver and biliary", "liver/biliary",
+              "biliary", "biliary tree", "bile ducts"),
     "gallbladder": ("gallbladder", "gall bladder"),
     "spleen": ("spleen",),
     "pancreas": ("pancreas",),
-    "adrenal_glands": ("adrenal glands", "adrenals", "adrenal"),
-    "kidneys": ("kidneys", "kidneys and ureters", "gu", "genitourinary", "urinary tract", "renal", "kidneys/ureters"),
+    "adrenal_glands": ("adrenal glands", "adrenals", "adrenal", "adrenal gland"),
+    "kidneys": ("kidneys", "kidneys and ureters", "gu", "genitourinary", "urinary tract", "renal",
+                "kidneys/ureters", "kidney", "ureters"),
     "bowel": ("bowel", "gastrointestinal tract", "gi", "gi tract", "bowel/mesentery", "bowel and mesentery",
-              "stomach and bowel", "gastrointestinal"),
+              "stomach and bowel", "gastrointestinal", "stomach", "small bowel", "large bowel", "colon",
+              "appendix"),
     "peritoneum": ("peritoneum", "peritoneal cavity", "abdominal wall", "peritoneum/retroperitoneum",
                    "retroperitoneum", "peritoneum and abdominal wall"),
     "pelvic": ("pelvic organs", "pelvis", "pelvic", "bladder", "urinary bladder", "prostate",
-               "prostate and seminal vesicles", "uterus and ovaries", "reproductive organs"),
-    "circulatory": ("vasculature", "vascular", "vessels", "circulatory", "aorta and vessels", "blood vessels"),
+               "prostate and seminal vesicles", "uterus and ovaries", "reproductive organs", "uterus",
+               "ovaries", "adnexa", "uterus and adnexa", "seminal vesicles"),
+    "circulatory": ("vasculature", "vascular", "vessels", "circulatory", "aorta and vessels", "blood vessels",
+                    "aorta", "abdominal aorta", "vascular structures"),
     "lymph_nodes": ("lymph nodes", "lymphatics", "nodes", "lymph node"),
     "musculoskeletal": ("musculoskeletal", "bones", "osseous structures", "bones and soft tissues", "osseous",
-                        "bones/soft tissues"),
+                        "bones/soft tissues", "bone", "bony structures", "skeleton"),
 }
 
 _SPACES = re.compile(r"\s+")

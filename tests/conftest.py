@@ -1,0 +1,16 @@
+"""Shared fixtures: one small phantom dataset per test session (generated in ~1 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vljax.data.phantom import PhantomConfig, generate_phantom
+
+SMALL_PHANTOM = PhantomConfig(num_studies=24, seed=7, workers=1)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    generate_phantom(out, SMALL_PHANTOM, log=lambda *_: None)
+    return out
