@@ -49,15 +49,15 @@ def bench_data(files: list[pathlib.Path], repeats: int) -> None:
     t_floor = _best_of(io_floor, repeats)
     print(f"{n} phantom studies, {gz_bytes / 2**20:.1f} MiB gzipped, {raw_bytes / 2**20:.1f} MiB decoded; "
           f"best of {repeats}, 1 process")
-    print(f"{'what':44s} {'studies/s':>10s} {'MB/s':>8s} {'x floor time':>13s}")
-    print(f"{'I/O floor: read + gunzip':44s} {n / t_floor:10.1f} {raw_bytes / 1e6 / t_floor:8.1f} {1.0:13.2f}")
+    print(f"{'what':52s} {'studies/s':>10s} {'MB/s':>8s} {'x floor time':>13s}")
+    print(f"{'I/O floor: read + gunzip':52s} {n / t_floor:10.1f} {raw_bytes / 1e6 / t_floor:8.1f} {1.0:13.2f}")
     for name, cfg in TARGETS.items():
         def run(cfg=cfg):
             for p in files:
                 preprocess_ct(p, cfg)
 
         t = _best_of(run, repeats)
-        print(f"{'load+preprocess -> ' + name:44s} {n / t:10.1f} {raw_bytes / 1e6 / t:8.1f} {t / t_floor:13.2f}")
+        print(f"{'load+preprocess -> ' + name:52s} {n / t:10.1f} {raw_bytes / 1e6 / t:8.1f} {t / t_floor:13.2f}")
 
 
 def main(argv=None) -> int:

@@ -183,3 +183,21 @@ def test_config_validation():
         ph.PhantomConfig(num_studies=0)
     with pytest.raises(ValueError, match="spacing"):
         ph.PhantomConfig(spacing=(0.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_every_finding_survives_preprocessing_at_the_phantom_training_geometry(finding):
+    """What the model sees: stored orientation -> RAS -> 7x7x10 mm -> 64x64x48, window [-1000, 1000]."""
+    from vljax.data.ct import CTPreprocessConfig, preprocess_volume
+
+    spec = _male_spec()
+    cfg = CTPreprocessConfig(spacing=(7.0, 7.0, 10.0), shape=(64, 64, 48))
+    out = []
+    for positives in ((), (finding,)):
+        hu = ph.render_canonical(spec, positives=positives)
+        data, affine = ph.to_storage(np.clip(np.rint(hu), -1024, 3071).astype(np.int16),
+                                     ph.canonical_affine(spec), spec.axcodes)
+        out.append(preprocess_volume(data.astype(np.float32), affine, cfg))
+    diff = np.abs(out[1] - out[0])
+    # > 20 HU (0.01 of the window) over several voxels, or a dense focal change (> 150 HU)
+    assert (diff > 0.01).sum() >= 8 or diff.max() > 0.075, (finding, int((diff > 0.01).sum()), float(diff.max()))
