@@ -29,7 +29,7 @@ def test_same_seed_gives_byte_identical_files_whatever_the_worker_count(tmp_path
     cfg2 = ph.PhantomConfig(num_studies=SMALL_PHANTOM.num_studies, seed=SMALL_PHANTOM.seed, workers=2)
     ph.generate_phantom(tmp_path / "b", cfg2, log=lambda *_: None)
     a, b = _digest(phantom_dir), _digest(tmp_path / "b")
-    assert len(a) == SMALL_PHANTOM.num_studies + 6
+    assert len(a) == SMALL_PHANTOM.num_studies + 7
     assert a == b
 
 
@@ -51,6 +51,15 @@ def test_reuse_keeps_files_and_config_change_regenerates(tmp_path):
     assert "reusing" in msgs[0] and _digest(tmp_path) == before
     ph.generate_phantom(tmp_path, ph.PhantomConfig(num_studies=4, seed=1, workers=1), log=lambda *_: None)
     assert len(list((tmp_path / ph.IMAGES_DIR).iterdir())) == 4
+
+
+def test_never_overwrites_a_folder_it_did_not_write(tmp_path):
+    real = tmp_path / "merlin"
+    (real / ph.IMAGES_DIR).mkdir(parents=True)
+    (real / ph.IMAGES_DIR / "AC123.nii.gz").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="not written by the phantom generator"):
+        ph.generate_phantom(real, ph.PhantomConfig(num_studies=2, workers=1), log=lambda *_: None)
+    assert (real / ph.IMAGES_DIR / "AC123.nii.gz").read_bytes() == b"precious"
 
 
 def test_files_are_int16_hu_with_real_affines_and_varied_geometry(phantom_dir):

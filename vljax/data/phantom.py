@@ -45,6 +45,7 @@ PHENOTYPES_FILE = "phenotypes.csv"
 PHECODES_FILE = "phecodes.csv"
 METADATA_FILE = "metadata.csv"
 INFO_FILE = "phantom_info.json"
+MARKER_FILE = ".vljax_phantom"
 
 # Prevalence of each finding (fraction of studies positive, before the age and co-occurrence
 # adjustments below); prostatomegaly is per male study. Most findings are rare, as in real ED CT.
@@ -282,13 +283,17 @@ def generate_phantom(out_dir: str | os.PathLike, cfg: PhantomConfig = PhantomCon
         if info.get("config") == cfg.identity():
             log(f"phantom: reusing {cfg.num_studies} studies in {out}")
             return info
-    if out.exists() and any(out.iterdir()) and not info_path.exists() and not (out / IMAGES_DIR).exists():
-        raise FileExistsError(f"{out} exists, is not empty and is not a phantom dataset: choose an empty "
-                              "or new directory")
+    marker = out / MARKER_FILE
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        # Never delete what this generator did not write (e.g. a real Merlin folder).
+        raise FileExistsError(f"{out} is not empty and was not written by the phantom generator; "
+                              "choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by vljax.data.phantom; the folder may be regenerated\n")
+    info_path.unlink(missing_ok=True)
     images = out / IMAGES_DIR
     if images.exists():
         shutil.rmtree(images)
-    info_path.unlink(missing_ok=True)
     images.mkdir(parents=True)
     t0 = time.perf_counter()
     specs = [sample_spec(cfg, i) for i in range(cfg.num_studies)]
