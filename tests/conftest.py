@@ -1,6 +1,14 @@
-"""Shared fixtures: one small phantom dataset per test session (generated in ~1 s)."""
+"""Shared fixtures: one small phantom dataset per test session (generated in ~1 s).
+
+Tests run on CPU with 8 fake devices (set before JAX is imported) so that sharded code paths are
+exercised against single-device references.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest
 
