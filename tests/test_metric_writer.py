@@ -1,0 +1,151 @@
+"""MetricWriter read back through TensorBoard's own EventAccumulator and metrics.jsonl; Progress
+rates/ETA under a fake clock; format_duration."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+
+import vljax.metric_writer as mw
+from vljax.metric_writer import MetricWriter, Progress, format_duration
+
+ALL = {"compressedHistograms": 0, "images": 0, "audio": 0, "scalars": 0, "histograms": 0,
+       "tensors": 0}
+
+
+def _load(path) -> EventAccumulator:
+    acc = EventAccumulator(str(path), size_guidance=ALL)
+    acc.Reload()
+    return acc
+
+
+def _scalars(acc, tag):
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _text(acc, tag):
+    (ev,) = acc.Tensors(tag)
+    return ev.step, tensor_util.make_ndarray(ev.tensor_proto).item().decode()
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_no_tensorflow_needed():
+    assert "tensorflow" not in sys.modules
+
+
+def test_scalars_texts_hparams_roundtrip(tmp_path):
+    with MetricWriter(tmp_path) as w:
+        w.write_hparams({"model": {"dim": 64, "name": "vit|b"}, "lr": np.float32(0.5),
+                         "seq": (1, 2)})
+        w.write_scalars(1, {"loss": 2.5, "lr": np.float32(1e-4)})
+        w.write_scalars(10, {"loss": jnp.asarray(1.25), "acc": np.array(0.1)})
+        w.write_scalars(20, {"loss": 0.3})
+        w.write_texts(10, {"sample": "a **bold** report"})
+
+    acc = _load(tmp_path)
+    assert _scalars(acc, "loss") == [(1, 2.5), (10, 1.25), (20, float(np.float32(0.3)))]
+    assert _scalars(acc, "lr") == [(1, float(np.float32(1e-4)))]
+    assert _scalars(acc, "acc") == [(10, float(np.float32(0.1)))]
+    assert _text(acc, "sample") == (10, "a **bold** report")
+    assert _text(acc, "hparams") == (0, "| name | value |\n|---|---|\n| model.dim | 64 |\n"
+                                        "| model.name | vit\\|b |\n| lr | 0.5 |\n| seq | [1, 2] |")
+    (meta,) = {acc.SummaryMetadata(t).plugin_data.plugin_name for t in ("sample", "hparams")}
+    assert meta == "text"
+
+    assert json.loads((tmp_path / "hparams.json").read_text()) == {
+        "model.dim": 64, "model.name": "vit|b", "lr": 0.5, "seq": [1, 2]}
+
+    rows = _jsonl(tmp_path)
+    times = [r.pop("time") for r in rows]
+    assert rows == [{"step": 1, "loss": 2.5, "lr": float(np.float32(1e-4))},
+                    {"step": 10, "loss": 1.25, "acc": float(np.array(0.1))},
+                    {"step": 20, "loss": 0.3}]
+    assert all(isinstance(t, float) for t in times) and times == sorted(times)
+    wall = [e.wall_time for e in acc.Scalars("loss")]
+    assert wall == pytest.approx(times, abs=1e-3)
+
+
+def test_disabled_writer_creates_nothing(tmp_path):
+    logdir = tmp_path / "logs"
+    with MetricWriter(logdir, enabled=False) as w:
+        w.write_hparams({"a": 1})
+        w.write_scalars(1, {"loss": np.ones((3,))})  # not even validated
+        w.write_texts(1, {"t": "x"})
+        w.flush()
+    assert not logdir.exists()
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2,)), jnp.ones((1,)), np.zeros((1, 1))])
+def test_non_scalar_raises_naming_key(tmp_path, bad):
+    with MetricWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="'weird/metric'"):
+            w.write_scalars(3, {"loss": 1.0, "weird/metric": bad})
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    assert "loss" not in _load(tmp_path).Tags()["scalars"]
+
+
+def test_reserved_and_non_numeric_names_rejected(tmp_path):
+    with MetricWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="'step'"):
+            w.write_scalars(1, {"step": 1.0})
+        with pytest.raises(ValueError, match="'name'"):
+            w.write_scalars(1, {"name": "abc"})
+
+
+def test_resume_appends(tmp_path):
+    with MetricWriter(tmp_path) as w:
+        w.write_scalars(1, {"loss": 4.0})
+        w.write_scalars(2, {"loss": 3.0})
+    with MetricWriter(tmp_path) as w:
+        w.write_scalars(3, {"loss": 2.0})
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert [(r["step"], r["loss"]) for r in _jsonl(tmp_path)] == [(1, 4.0), (2, 3.0), (3, 2.0)]
+    assert _scalars(_load(tmp_path), "loss") == [(1, 4.0), (2, 3.0), (3, 2.0)]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    t = [100.0]
+    monkeypatch.setattr(mw, "perf_counter", lambda: t[0])
+    return t
+
+
+def test_progress_rates_and_eta(clock):
+    p = Progress(total_steps=600, start_step=100, batch_size=8)
+    clock[0] += 10.0  # 20 steps in 10 s
+    r = p.update(120)
+    assert r == {"steps_per_sec": 2.0, "examples_per_sec": 16.0, "eta_sec": 240.0}
+    clock[0] += 5.0  # rate from the previous call only: 30 steps in 5 s
+    assert p.update(150) == {"steps_per_sec": 6.0, "examples_per_sec": 48.0, "eta_sec": 75.0}
+    clock[0] += 1.0
+    r = p.update(150)  # no progress: unknown ETA
+    assert r["steps_per_sec"] == 0.0 and math.isinf(r["eta_sec"])
+    clock[0] += 2.0
+    assert p.update(600)["eta_sec"] == 0.0
+
+
+def test_progress_format(clock):
+    p = Progress(total_steps=600, start_step=0, batch_size=8)
+    clock[0] += 97.5608  # 120 steps -> 1.23 steps/s, 480 left -> 390 s
+    line = p.format(120, {"loss": jnp.asarray(2.0123), "lr": 3e-5})
+    assert line == ("step 120/600 (20.0%) loss 2.0123 lr 3.000e-05 | 1.23 steps/s 9.8 ex/s | "
+                    "ETA 6m30s")
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0, "0s"), (12, "12s"), (12.4, "12s"), (59.6, "1m00s"), (390, "6m30s"), (3599, "59m59s"),
+    (3720, "1h02m"), (86399, "23h59m"), (2 * 86400 + 3 * 3600 + 59, "2d03h"), (-5, "0s"),
+    (math.inf, "?"), (math.nan, "?"),
+])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text

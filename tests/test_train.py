@@ -1,0 +1,284 @@
+"""End-to-end trainer tests on a tiny config: one-step smoke run, exact resumption after a stop,
+checkpoint round trip, NaN stop, config parsing and the missing-data error.
+
+The tiny model (ResNet-18 width 4 on 16x16x8 volumes, a 2-layer BERT) compiles in seconds; runs use
+the session's 24-study phantom and the 8 fake CPU devices of conftest.py (global batch 8).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from configs import merlin
+from vljax import train
+
+CONFIG_PATH = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "merlin.py")
+
+
+def tiny_config(data_dir, total_steps: int = 4):
+    c = merlin.get_config("phantom")
+    c.data.dir = str(data_dir)
+    c.data.shape = (16, 16, 8)
+    c.data.spacing = (24.0, 24.0, 40.0)
+    c.data.workers = 0
+    c.data.max_text_len = 64
+    c.model.image.update(depth=18, width=4)
+    c.model.text.update(init="scratch", size="tiny", trainable=True, pooling="cls")
+    c.model.embed_dim = 16
+    c.total_steps = total_steps
+    c.optim.warmup_steps = 1
+    c.log_every = 1
+    c.eval_every = 0
+    c.ckpt_every = 2
+    c.eval_batch_size = 8
+    return c
+
+
+def _load_state(workdir, config, step):
+    """Restores the checkpointed train state of `workdir` at `step` as numpy."""
+    mesh = train.make_mesh()
+    from vljax.data.manifest import load_manifest
+
+    model = train.abstract_model(train.model_spec(config, load_manifest(config.data.dir)), config.seed)
+    tx, _ = train.make_optimizer(config)
+    abstract = jax.eval_shape(lambda p, r: train.new_train_state(p, r, tx, config.seed),
+                              model.abstract_params, model.abstract_rest)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+    mngr = train.checkpoint_manager(pathlib.Path(workdir), config)
+    try:
+        return jax.tree.map(np.asarray, train.restore_state(mngr, step, abstract))
+    finally:
+        mngr.close()
+
+
+@pytest.fixture(scope="module")
+def full_run(phantom_dir, tmp_path_factory):
+    """An uninterrupted 4-step run (checkpoints at 2 and 4) with its final results."""
+    workdir = tmp_path_factory.mktemp("full_run")
+    config = tiny_config(phantom_dir)
+    result = train.train_and_evaluate(config, workdir)
+    return workdir, config, result
+
+
+def test_run_writes_results_checkpoints_and_logs(full_run):
+    workdir, config, result = full_run
+    results = json.loads((workdir / "results.json").read_text())
+    zs = results["zero_shot"]
+    assert results["split"] == "test" and results["step"] == 4
+    assert 0.0 <= zs["macro_f1"] <= 1.0
+    assert set(zs["baselines"]) == {"all_positive", "random"}
+    assert set(results["retrieval"]) >= {"r1", "r5", "r10"}
+    for stats in zs["per_finding"].values():
+        assert set(stats) >= {"f1", "auroc", "n_pos", "n_neg"}
+    assert results["config"]["model"]["image"]["width"] == 4
+    assert "vljax" in results["code_version"]
+    assert result["zero_shot"]["macro_f1"] == zs["macro_f1"]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    lines = [json.loads(x) for x in (workdir / "tb" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["loss"]) for x in train_lines)
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    batches = [json.loads(x) for x in (workdir / "train_batches.jsonl").read_text().splitlines()]
+    assert [b["step"] for b in batches] == [0, 1, 2, 3]
+    assert all(len(b["studies"]) == config.batch_size for b in batches)
+
+
+def test_one_step_changes_parameters_and_keeps_batch_stats_finite(full_run):
+    workdir, config, _ = full_run
+    s2, s4 = _load_state(workdir, config, 2), _load_state(workdir, config, 4)
+    assert int(s2["step"]) == 2 and int(s4["step"]) == 4 and int(s4["bad_step"]) == -1
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s2["params"]),
+                                                         jax.tree.leaves(s4["params"]))]
+    assert sum(changed) > 0.9 * len(changed)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(s4["rest"]))
+    counts = jax.tree.leaves(s4["opt_state"])
+    assert any(np.asarray(c).shape == () and int(c) == 4 for c in counts)  # AdamW saw 4 updates
+
+
+def test_stop_and_resume_equals_uninterrupted_run(full_run, phantom_dir, tmp_path):
+    workdir, config, _ = full_run
+    resumed = tmp_path / "resumed"
+    assert train.train_and_evaluate(tiny_config(phantom_dir), resumed, stop_at_step=2) is None
+    assert not (resumed / "results.json").exists()
+    # The second process starts from the step-2 checkpoint: steps 2 and 3 are not repeated/skipped.
+    train.train_and_evaluate(tiny_config(phantom_dir), resumed)
+    assert (resumed / "train_batches.jsonl").read_text() == (workdir / "train_batches.jsonl").read_text()
+    a, b = _load_state(workdir, config, 4), _load_state(resumed, config, 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    ra = json.loads((workdir / "results.json").read_text())
+    rb = json.loads((resumed / "results.json").read_text())
+    assert ra["zero_shot"] == rb["zero_shot"] and ra["retrieval"] == rb["retrieval"]
+
+
+def test_resume_with_a_different_recipe_is_refused(full_run, phantom_dir, tmp_path):
+    workdir, _, _ = full_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    changed = tiny_config(phantom_dir)
+    changed.optim.lr = 1e-2
+    with pytest.raises(ValueError, match=r"different config \(fields optim.lr\)"):
+        train.train_and_evaluate(changed, copy)
+
+
+def test_checkpoint_round_trip_is_exact(phantom_dir, tmp_path):
+    config = tiny_config(phantom_dir)
+    mesh = train.make_mesh()
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    from vljax.data.manifest import load_manifest
+
+    model = train.abstract_model(train.model_spec(config, load_manifest(phantom_dir)), config.seed)
+    tx, _ = train.make_optimizer(config)
+    params, rest = train.init_model(model, config.seed, rep)
+    state = train.new_train_state(params, rest, tx, config.seed)
+    # Non-trivial optimiser moments and counters, so that every leaf is checked.
+    state["opt_state"] = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3,
+                                      state["opt_state"])
+    state["step"] = jnp.asarray(7, jnp.int32)
+    mngr = train.checkpoint_manager(tmp_path, config)
+    import orbax.checkpoint as ocp
+
+    mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         config=ocp.args.JsonSave(train._config_json(config))))
+    mngr.wait_until_finished()
+    mngr.close()
+    restored = _load_state(tmp_path, config, 7)
+    flat_a = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state))[0]
+    flat_b = jax.tree_util.tree_flatten_with_path(restored)[0]
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        assert x.dtype == y.dtype, path
+        np.testing.assert_array_equal(x, y, err_msg=str(path))
+
+
+def test_nan_loss_stops_the_run_and_names_the_step(phantom_dir, tmp_path):
+    config = tiny_config(phantom_dir, total_steps=4)
+    config.optim.lr = 1e30          # the first update blows the parameters up
+    config.optim.grad_clip = 0.0
+    with pytest.raises(train.NonFiniteLossError, match=r"NaN/inf at step \d+") as err:
+        train.train_and_evaluate(config, tmp_path)
+    import re
+
+    bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert 1 <= bad < 4 and "config.optim.lr" in str(err.value)
+    # Checkpoints hold only states from before the bad step, never a NaN state.
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) <= bad
+    saved = _load_state(tmp_path, config, max(steps))
+    assert int(saved["bad_step"]) == -1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+    assert not (tmp_path / "results.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Config handling
+# --------------------------------------------------------------------------------------------------
+
+
+def test_config_argument_parsing():
+    assert merlin.parse_arg("phantom,seed=3,steps=10") == {"phantom": True, "seed": 3, "steps": 10}
+    assert merlin.parse_arg("") == {}
+    c = merlin.get_config("phantom,seed=3,batch=16")
+    assert c.seed == 3 and c.batch_size == 16 and c.data.phantom
+    full = merlin.get_config()
+    assert full.model.image.depth == 152 and tuple(full.data.shape) == (224, 224, 160)
+    assert tuple(full.data.spacing) == (1.5, 1.5, 3.0) and not full.data.phantom
+    with pytest.raises(ValueError, match="unknown argument 'phantm'"):
+        merlin.get_config("phantm")
+    with pytest.raises(ValueError, match="not a valid int"):
+        merlin.get_config("seed=x")
+    with pytest.raises(ValueError, match="needs a value"):
+        merlin.get_config("seed")
+
+
+def _parse_flags(*argv):
+    fv = flags.FlagValues()
+    # config_flags registers the `--config.*` override flags from sys_argv at definition time.
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=["prog", *argv])
+    fv(["prog", *argv])
+    return fv.config
+
+
+def test_config_flag_overrides_and_unknown_keys():
+    c = _parse_flags(f"--config={CONFIG_PATH}:phantom,seed=2", "--config.optim.lr=0.125",
+                     "--config.data.dir=/some/where")
+    assert c.seed == 2 and c.optim.lr == 0.125 and c.data.dir == "/some/where"
+    with pytest.raises(Exception, match="nope"):
+        _parse_flags(f"--config={CONFIG_PATH}:phantom", "--config.optim.nope=1")
+    with pytest.raises(Exception, match="lr"):
+        _parse_flags(f"--config={CONFIG_PATH}", "--config.optim.lr=fast")
+    with pytest.raises(Exception, match="phantm"):
+        _parse_flags(f"--config={CONFIG_PATH}:phantm")
+    with pytest.raises(AttributeError):  # configs are locked: no new fields by mistake
+        c.optim.new_field = 1
+
+
+def test_missing_data_dir_stops_at_once_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.data\.dir is not set.*:phantom"):
+        train.train_and_evaluate(merlin.get_config(), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Locked pretrained text tower (the phantom default's text side)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bucketed_text_tower_equals_full_length_padding():
+    from flax import nnx
+
+    from vljax.data.pipeline import TextTable
+    from vljax.models import bert as bert_lib
+    from vljax.models.two_tower import TwoTower
+    from vljax.models.resnet3d import ResNet3D
+
+    rngs = nnx.Rngs(0)
+    model = TwoTower(ResNet3D(18, width=4, rngs=rngs), bert_lib.BertModel(bert_lib.BertConfig.tiny(), rngs=rngs),
+                     embed_dim=8, pooling="mean", rngs=rngs)
+    rng = np.random.default_rng(0)
+    n, max_len = 37, 96
+    lengths = rng.integers(3, max_len + 1, n)
+    mask = (np.arange(max_len)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask > 0, rng.integers(1, 1000, (n, max_len)), 0).astype(np.int32)
+    fn = jax.jit(lambda i, m: model.text_features(i, m, train=False))
+    got = train.run_text_tower(TextTable(ids, mask), fn, batch=8, bucket=16)
+    want = np.asarray(fn(ids, mask))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phantom_dir, tmp_path):
+    config = tiny_config(phantom_dir, total_steps=2)
+    config.model.text.update(init="pretrained", pooling="map", trainable=False)
+    config.ckpt_every = 1
+    train.train_and_evaluate(config, tmp_path)
+    s1, s2 = _load_state(tmp_path, config, 1), _load_state(tmp_path, config, 2)
+    for x, y in zip(jax.tree.leaves(s1["params"]["text_tower"]), jax.tree.leaves(s2["params"]["text_tower"])):
+        np.testing.assert_array_equal(x, y)            # AdamW neither updates nor decays it
+    for name in ("text_pool", "text_proj", "image_proj"):  # the trainable parts do learn
+        assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(s1["params"][name]),
+                                                            jax.tree.leaves(s2["params"][name]))), name
+    # The cached token states equal the pretrained tower's output (float16 storage).
+    from vljax.data.manifest import load_manifest
+    from vljax.models.bert import load_hf_bert
+
+    bert, _ = load_hf_bert()
+    records = load_manifest(phantom_dir).split("train")[:6]
+    table = train.text_table(config, train.tokenizer_for(config), records)
+    cached = train.cache_text_features(table, jax.jit(lambda i, m: bert(i, m))).features
+    want = np.asarray(bert(table.input_ids, table.attention_mask))
+    real = table.attention_mask > 0
+    np.testing.assert_allclose(cached[real].astype(np.float32), want[real], rtol=2e-3, atol=2e-3)
+    assert not cached[~real].any()

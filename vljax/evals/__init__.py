@@ -1,0 +1,1 @@
+"""Evaluation of trained towers: zero-shot finding classification and report retrieval."""
