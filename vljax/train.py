@@ -525,6 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             ids, mask, train=False), out_shardings=replicated)
         text_fn = functools.partial(text_fn, state["params"], state["rest"])
     source = train_source(config, manifest, tokenizer, text_fn)
+    del text_fn  # it holds the initial state's buffers, which the first step donates
     train_records = manifest.split("train")
     data_iter = pipeline.make_iterator(source, workers=config.data.workers, prefetch=config.data.prefetch)
     if latest is not None:
@@ -535,7 +536,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
         _truncate_batches(workdir / "train_batches.jsonl", start)
 
-    batch_sharding = NamedSharding(mesh, P("data"))
     train_step = jax.jit(make_train_step(model, tx, schedule, config, mesh), donate_argnums=0,
                          out_shardings=(jax.tree.map(lambda x: x.sharding, abstract_state), replicated))
     writer = MetricWriter(workdir / "tb", enabled=is_main)
@@ -562,7 +562,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if is_main:
                 _append_batches(workdir / "train_batches.jsonl", step,
                                 [train_records[i].study_id for i in batch["study_index"]])
-            g = pipeline.to_global({k: v for k, v in batch.items() if k not in ("step", "study_index")}, mesh)
+            g = pipeline.to_global({k: v for k, v in batch.items()
+                                    if k not in ("step", "study_index", "labels")}, mesh)
             state, m = train_step(state, g)
             acc = m if acc is None else acc.merge(m)
             done = step + 1

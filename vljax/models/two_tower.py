@@ -11,7 +11,6 @@ text tower from a Hugging Face BERT folder without random-initialising it first.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from typing import Any, Literal
 
@@ -228,7 +227,3 @@ def load_pretrained(model: TwoTower, spec: ModelSpec) -> None:
                                 "Face BERT folder with config.json and model.safetensors")
     bert_lib.load_hf_state(model.text_tower, load_file(str(weights)), source=str(weights))
 
-
-def clip_logit_scale_init() -> float:
-    """CLIP's initial s = log(1/0.07)."""
-    return math.log(1 / 0.07)
