@@ -50,10 +50,8 @@ def _load_state(workdir, config, step):
 
     model = train.abstract_model(train.model_spec(config, load_manifest(config.data.dir)), config.seed)
     tx, _ = train.make_optimizer(config)
-    abstract = jax.eval_shape(lambda p, r: train.new_train_state(p, r, tx, config.seed),
-                              model.abstract_params, model.abstract_rest)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+    abstract = train.abstract_train_state(model, tx, config.seed, rep)
     mngr = train.checkpoint_manager(pathlib.Path(workdir), config)
     try:
         return jax.tree.map(np.asarray, train.restore_state(mngr, step, abstract))
@@ -92,6 +90,20 @@ def test_run_writes_results_checkpoints_and_logs(full_run):
     batches = [json.loads(x) for x in (workdir / "train_batches.jsonl").read_text().splitlines()]
     assert [b["step"] for b in batches] == [0, 1, 2, 3]
     assert all(len(b["studies"]) == config.batch_size for b in batches)
+
+
+def test_evaluate_cli_reproduces_the_final_results(full_run):
+    from vljax import evaluate
+
+    workdir, _, _ = full_run
+    saved = json.loads((workdir / "results.json").read_text())
+    result, path = evaluate.evaluate_run(workdir, "test", -1)
+    assert path == workdir / "results.json"
+    assert result["zero_shot"] == saved["zero_shot"] and result["retrieval"] == saved["retrieval"]
+    _, path_val = evaluate.evaluate_run(workdir, "val", 2)
+    assert path_val.name == "results_val.json" and json.loads(path_val.read_text())["step"] == 2
+    with pytest.raises(ValueError, match="no checkpoint at step 3"):
+        evaluate.evaluate_run(workdir, "test", 3)
 
 
 def test_one_step_changes_parameters_and_keeps_batch_stats_finite(full_run):

@@ -99,9 +99,7 @@ def _compiled_step(config, batch: int, text_size: str | None):
     fake_manifest = types.SimpleNamespace(phenotype_codes=tuple(f"code{i}" for i in range(phen)))
     model = train.abstract_model(train.model_spec(config, fake_manifest), config.seed)
     tx, schedule = train.make_optimizer(config)
-    state = jax.eval_shape(lambda p, r: train.new_train_state(p, r, tx, config.seed),
-                           model.abstract_params, model.abstract_rest)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+    state = train.abstract_train_state(model, tx, config.seed, rep)
     x, y, z = config.data.shape
     data_sharding = NamedSharding(mesh, P("data"))
     vol_dtype = jnp.bfloat16 if config.data.dtype == "bfloat16" else jnp.float32

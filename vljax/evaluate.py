@@ -42,9 +42,7 @@ def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
     replicated = NamedSharding(mesh, P())
     model = train.abstract_model(train.model_spec(config, manifest), config.seed)
     tx, _ = train.make_optimizer(config)
-    abstract = jax.eval_shape(lambda p, r: train.new_train_state(p, r, tx, config.seed),
-                              model.abstract_params, model.abstract_rest)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    abstract = train.abstract_train_state(model, tx, config.seed, replicated)
     mngr = train.checkpoint_manager(workdir, config)
     try:
         steps = mngr.all_steps()

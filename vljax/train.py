@@ -355,6 +355,13 @@ def new_train_state(params, rest, tx, seed: int) -> dict:
             "rng": jax.random.PRNGKey(seed), "bad_step": jnp.full((), -1, jnp.int32)}
 
 
+def abstract_train_state(model: Model, tx, seed: int, sharding: NamedSharding) -> dict:
+    """Shapes, dtypes and shardings of the train state (restore target; nothing is allocated)."""
+    state = jax.eval_shape(lambda p, r: new_train_state(p, r, tx, seed), model.abstract_params,
+                           model.abstract_rest)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
 # ===================================================================================================
 # Checkpoint
 # ===================================================================================================
@@ -506,10 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx, schedule = make_optimizer(config)
     mngr = checkpoint_manager(workdir, config)
     latest = mngr.latest_step()
-    abstract_state = jax.eval_shape(lambda p, r: new_train_state(p, r, tx, config.seed),
-                                    model.abstract_params, model.abstract_rest)
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+    abstract_state = abstract_train_state(model, tx, config.seed, replicated)
     if latest is not None:
         saved_cfg = mngr.restore(latest, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         check_resumable(saved_cfg, config)
