@@ -23,7 +23,9 @@ import ml_collections
 from ml_collections import config_dict
 
 # Arguments accepted after ':' and their types. `phantom` is a bare flag.
-ARGS = {"phantom": bool, "seed": int, "data_seed": int, "steps": int, "batch": int}
+ARGS = {"phantom": bool, "seed": int, "data_seed": int, "subset_seed": int, "steps": int, "batch": int,
+        "sampling": str, "balance_ratio": float, "train_fraction": float}
+SAMPLING = ("random", "alternating", "balanced")
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -49,6 +51,8 @@ def parse_arg(arg: str | None) -> dict:
             except ValueError:
                 raise ValueError(f"configs/merlin.py: argument {key}={value!r} is not a valid "
                                  f"{kind.__name__}") from None
+    if "sampling" in out and out["sampling"] not in SAMPLING:
+        raise ValueError(f"configs/merlin.py: sampling={out['sampling']!r}; choose one of {list(SAMPLING)}")
     return out
 
 
@@ -56,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.seed = 0                 # model initialisation and dropout
-    c.data_seed = 0            # order of training batches
+    c.data_seed = 0            # order of training batches (and the seeded section order)
+    c.subset_seed = 0          # which studies a data-fraction subset keeps
     c.total_steps = 20_000     # a run is defined by steps, not epochs
     c.batch_size = 8           # global batch (the reproduction study's 8; Merlin used 18)
 
@@ -72,6 +77,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.dtype = "float32"                    # host-side volume dtype (bfloat16 halves transfer)
     c.data.max_text_len = 512
     c.data.tokenizer = config_dict.placeholder(str)  # None: the text tower's folder (or MiniLM's)
+    # Batch composition (vljax/data/sampling.py). random: full reports, random order; alternating:
+    # Merlin's full-report / organ-section alternation; balanced: alternation (unless alternate=False)
+    # with balance_ratio normal studies in every batch. Every strategy has the same steps and schedule.
+    c.data.sampling = "alternating"
+    c.data.balance_ratio = 0.5                  # fraction of normal studies per batch (balanced)
+    c.data.alternate = True                     # balanced on the alternating schedule (published setting)
+    c.data.section_period = 2                   # every 2nd step (odd steps) is a section step
+    c.data.section_order = "round_robin"        # or "seeded": a seeded permutation per cycle of sections
+    c.data.sections = config_dict.placeholder(tuple)  # None: the 12 sections that carry a finding
+    c.data.train_fraction = 1.0                 # seeded, nested subset of the training split
     c.data.workers = 4                          # Grain worker processes building batches
     c.data.prefetch = 2                         # batches buffered per worker
 
@@ -111,10 +126,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if args.get("phantom"):
         _phantom(c)
-    for key, field in (("seed", "seed"), ("data_seed", "data_seed"), ("steps", "total_steps"),
-                       ("batch", "batch_size")):
+    for key, field in (("seed", "seed"), ("data_seed", "data_seed"), ("subset_seed", "subset_seed"),
+                       ("steps", "total_steps"), ("batch", "batch_size")):
         if key in args:
             c[field] = args[key]
+    for key in ("sampling", "balance_ratio", "train_fraction"):
+        if key in args:
+            c.data[key] = args[key]
     return c
 
 

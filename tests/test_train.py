@@ -90,6 +90,36 @@ def test_run_writes_results_checkpoints_and_logs(full_run):
     batches = [json.loads(x) for x in (workdir / "train_batches.jsonl").read_text().splitlines()]
     assert [b["step"] for b in batches] == [0, 1, 2, 3]
     assert all(len(b["studies"]) == config.batch_size for b in batches)
+    _check_run_stats(workdir, config, batches)
+
+
+def _check_run_stats(workdir, config, batches):
+    """run_stats.json against a recount of the studies the run logged, with the manifest's labels."""
+    from vljax.data import sampling
+    from vljax.data.findings import FINDINGS, SECTION_FINDINGS
+    from vljax.data.manifest import load_manifest
+
+    stats = json.loads((workdir / "run_stats.json").read_text())
+    assert stats["total_steps"] == len(batches) == config.total_steps
+    labels = {r.study_id: np.array(r.labels) for r in load_manifest(config.data.dir).split("train")}
+    fractions, per_unit = [], {}
+    for b in batches:
+        per_unit[b["unit"]] = per_unit.get(b["unit"], 0) + 1
+        cols = (range(len(FINDINGS)) if b["unit"] == "full" else
+                [FINDINGS.index(f) for f in SECTION_FINDINGS[b["unit"]]])
+        abnormal = [bool((labels[sid][list(cols)] == 1).any()) for sid in b["studies"]]
+        fractions.append(1 - sum(abnormal) / len(abnormal))
+    assert {k: v for k, v in stats["steps_per_unit"].items() if v} == per_unit
+    assert stats["unique_studies_seen"] == len({sid for b in batches for sid in b["studies"]})
+    got = stats["normal_fraction_per_batch"]["all"]
+    assert (got["min"], got["max"]) == (min(fractions), max(fractions))
+    assert got["mean"] == pytest.approx(np.mean(fractions))
+    assert stats["seeds"] == {"model": config.seed, "data_order": config.data_seed, "subset": config.subset_seed}
+    assert stats["schedule"]["kind"] == ("full" if config.data.sampling == "random" else "alternating")
+    if config.data.sampling != "random":
+        assert [b["unit"] for b in batches][::2] == ["full"] * len(batches[::2])
+        assert [b["unit"] for b in batches][1::2] == list(stats["schedule"]["sections"])[:len(batches[1::2])]
+    return stats, fractions
 
 
 def test_evaluate_cli_reproduces_the_final_results(full_run):
@@ -193,6 +223,42 @@ def test_nan_loss_stops_the_run_and_names_the_step(phantom_dir, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.fixture(scope="module")
+def phantom_100(tmp_path_factory):
+    from vljax.data.phantom import PhantomConfig, generate_phantom
+
+    out = tmp_path_factory.mktemp("phantom_100")
+    generate_phantom(out, PhantomConfig(num_studies=100, seed=3, workers=2), log=lambda *_: None)
+    return out
+
+
+def test_balanced_alternating_run_end_to_end(phantom_100, tmp_path):
+    """The published setting (balanced 25:75 on the alternating schedule) through the trainer: every
+    logged batch holds exactly 2 normal studies of 8, on the documented schedule."""
+    config = tiny_config(phantom_100, total_steps=4)
+    config.data.sampling = "balanced"
+    config.data.balance_ratio = 0.25
+    config.data.sections = ("lower_thorax", "liver", "kidneys", "circulatory")
+    config.data.train_fraction = 0.8
+    train.train_and_evaluate(config, tmp_path)
+    batches = [json.loads(x) for x in (tmp_path / "train_batches.jsonl").read_text().splitlines()]
+    assert [b["unit"] for b in batches] == ["full", "lower_thorax", "full", "liver"]
+    stats, fractions = _check_run_stats(tmp_path, config, batches)
+    assert fractions == [0.25] * 4
+    from vljax.data.manifest import load_manifest
+
+    subset = {r.study_id for r in train.train_records(config, load_manifest(phantom_100))}
+    assert len(subset) == stats["train_studies"] == round(0.8 * len(load_manifest(phantom_100).split("train")))
+    assert {sid for b in batches for sid in b["studies"]} <= subset
+
+
+def test_sampling_settings_are_checked_before_any_work(tmp_path):
+    config = merlin.get_config("phantom,sampling=balanced,balance_ratio=1.5")
+    with pytest.raises(ValueError, match=r"config\.data\.balance_ratio=1\.5"):
+        train.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "phantom").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Config handling
 # --------------------------------------------------------------------------------------------------
@@ -212,6 +278,10 @@ def test_config_argument_parsing():
         merlin.get_config("seed=x")
     with pytest.raises(ValueError, match="needs a value"):
         merlin.get_config("seed")
+    c = merlin.get_config("phantom,sampling=balanced,balance_ratio=0.25,train_fraction=0.4,subset_seed=2")
+    assert (c.data.sampling, c.data.balance_ratio, c.data.train_fraction, c.subset_seed) == ("balanced", 0.25, 0.4, 2)
+    with pytest.raises(ValueError, match="sampling='stratified'"):
+        merlin.get_config("sampling=stratified")
 
 
 def _parse_flags(*argv):
@@ -289,7 +359,7 @@ def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phanto
     bert, _ = load_hf_bert()
     records = load_manifest(phantom_dir).split("train")[:6]
     table = train.text_table(config, train.tokenizer_for(config), records)
-    cached = train.cache_text_features(table, jax.jit(lambda i, m: bert(i, m))).features
+    cached = train.cache_text_features(table, jax.jit(lambda i, m: bert(i, m))).hidden(np.arange(len(table)))
     want = np.asarray(bert(table.input_ids, table.attention_mask))
     real = table.attention_mask > 0
     np.testing.assert_allclose(cached[real].astype(np.float32), want[real], rtol=2e-3, atol=2e-3)

@@ -1,12 +1,15 @@
 """Benchmarks, printed as ratios against a baseline measured in the same run.
 
-    python tools/bench.py data [--num-studies 64] [--data-dir DIR] [--repeats 3]
+    python tools/bench.py data [--num-studies 64] [--data-dir DIR] [--repeats 3] [--batches 24] [--workers N]
     python tools/bench.py step [--config configs/merlin.py:phantom] [--batch N] [--steps 10]
     python tools/bench.py flops [--config configs/merlin.py] [--batch 1]
 
 `data`: CT load + preprocess throughput (studies/s, MB/s of decoded voxels) on the phantom, beside
 the I/O floor (read the same .nii.gz files and gunzip them, nothing else). Two targets: the phantom
-training geometry and Merlin's full 224x224x160 at 1.5x1.5x3 mm.
+training geometry and Merlin's full 224x224x160 at 1.5x1.5x3 mm. Then the training input pipeline
+itself (`--config`, default the phantom recipe with alternating sampling): Grain batches per second
+with 0 workers (in the trainer's process) and with N worker processes, against the I/O floor for the
+same studies; compare with the train step time from `step` to see whether input can bottleneck.
 
 `step`: compiles the config's train step, prints XLA's FLOPs and memory analysis, then times
 `--steps` steps on one cached in-memory batch (no input pipeline): the compute-only step time.
@@ -67,6 +70,35 @@ def bench_data(files: list[pathlib.Path], repeats: int) -> None:
 
         t = _best_of(run, repeats)
         print(f"{'load+preprocess -> ' + name:52s} {n / t:10.1f} {raw_bytes / 1e6 / t:8.1f} {t / t_floor:13.2f}")
+
+
+def bench_pipeline(config, root: pathlib.Path, batches: int, workers: int) -> None:
+    """Batches/s of the trainer's Grain source (0 and `workers` processes) on the data in `root`."""
+    from vljax import train
+    from vljax.data import pipeline
+    from vljax.data.manifest import load_manifest
+
+    config.data.dir = str(root)
+    manifest = load_manifest(root)
+    tokenizer = train.tokenizer_for(config)
+    source = train.train_source(config, manifest, tokenizer)  # token ids; a locked tower's cache is start-up cost
+    files = [r.image for r in source.loader.records]
+    b = config.batch_size
+    t_floor = _best_of(lambda: [gzip.decompress(pathlib.Path(f).read_bytes()) for f in files[:64]], 2) / min(64, len(files))
+    print(f"\ninput pipeline: {config.data.sampling} sampling, global batch {b}, volume "
+          f"{tuple(config.data.shape)}, {len(files)} training studies")
+    print(f"{'what':52s} {'batches/s':>10s} {'studies/s':>10s} {'x floor time':>13s}")
+    print(f"{'I/O floor: read + gunzip, 1 process':52s} {1 / (t_floor * b):10.2f} {1 / t_floor:10.1f} {1.0:13.2f}")
+    for n in sorted({0, workers}):
+        it = pipeline.make_iterator(source, workers=n, prefetch=config.data.prefetch)
+        next(it)  # start-up (worker processes, first batch) is not throughput
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        dt = (time.perf_counter() - t0) / batches
+        name = f"Grain source, {n} worker{'s' if n != 1 else ''}" + (" (in-process)" if n == 0 else "")
+        print(f"{name:52s} {1 / dt:10.2f} {b / dt:10.1f} {dt / (t_floor * b):13.2f}")
+        del it
 
 
 def _load_config(spec: str):
@@ -177,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-studies", type=int, default=64)
     p.add_argument("--data-dir", help="an existing phantom/Merlin folder (default: generate one in a temp dir)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, default=24, help="data: batches timed per pipeline setting")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data: Grain worker processes")
     a = p.parse_args(argv)
     if a.what in ("step", "flops"):
         spec = a.config or ("configs/merlin.py:phantom" if a.what == "step" else "configs/merlin.py")
@@ -196,6 +230,8 @@ def main(argv=None) -> int:
             return 2
         print(f"cpu cores: {os.cpu_count()}, numpy {np.__version__}")
         bench_data(files, a.repeats)
+        config = _load_config(a.config or "configs/merlin.py:phantom,sampling=alternating")
+        bench_pipeline(config, root, a.batches, a.workers)
     return 0
 
 

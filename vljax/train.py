@@ -4,8 +4,9 @@ r"""Contrastive training of the CT dual encoder, end to end.
 
 Writes into the workdir: `config.json` (the resolved config), `checkpoints/` (orbax: parameters,
 optimiser state, step, RNG, data-iterator state, config; asynchronous), `tb/` (TensorBoard events and
-`metrics.jsonl`), `train_batches.jsonl` (study indices of every step, for run statistics) and, at the
-end, `results.json` (zero-shot and retrieval on `config.final_eval_split`). Started again on the same
+`metrics.jsonl`), `run_stats.json` (what the run's batches contain: unique studies, class counts,
+steps per text unit, normal fraction per batch), `train_batches.jsonl` (text unit and study ids of
+every step trained) and, at the end, `results.json` (zero-shot and retrieval on `config.final_eval_split`). Started again on the same
 workdir, the run resumes from its last checkpoint with the same data order.
 """
 
@@ -37,6 +38,7 @@ from vljax import losses
 from vljax.data import ct as ct_lib
 from vljax.data import pipeline
 from vljax.data import reports as reports_lib
+from vljax.data import sampling as sampling_lib
 from vljax.data.manifest import Manifest, load_manifest
 from vljax.evals import zero_shot
 from vljax.metric_writer import MetricWriter, Progress
@@ -154,49 +156,87 @@ def text_table(config, tokenizer, records) -> pipeline.TextTable:
 
 
 def run_text_tower(table: pipeline.TextTable, text_fn: Callable, batch: int = 32, bucket: int = 32,
-                   out_dtype=np.float32) -> np.ndarray:
+                   out_dtype=np.float32, ragged: bool = False):
     """`text_fn(ids, mask)` over every row of `table`, in the table's order.
 
-    Rows are sorted by length and each batch is cut to its longest row rounded up to `bucket` tokens
-    (few compiled shapes, ~30 % fewer tokens than padding everything to max_text_len). Attention
+    Rows are sorted by length and grouped by their length rounded up to `bucket` tokens; a group of
+    width w runs in batches of `batch * (max_len // w)` rows (few compiled shapes, about the same
+    number of tokens per call, far fewer tokens than padding everything to max_len). Attention
     masking makes the result independent of the padding length.
+
+    Pooled outputs come back as [n, H]. Token states come back as [n, max_len, H] (zero beyond each
+    batch's width), or with `ragged=True` as (flat [sum of row lengths, H], offsets [n + 1]).
     """
     n, max_len = table.input_ids.shape
-    lengths = table.attention_mask.sum(1)
+    lengths = table.lengths
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     order = np.argsort(-lengths, kind="stable")
+    width_of = lambda length: min(max_len, int(-(-max(int(length), 1) // bucket) * bucket))  # noqa: E731
     out = None
-    for s in range(0, n, batch):
-        idx = order[s:s + batch]
-        width = min(max_len, int(-(-max(int(lengths[idx].max()), 1) // bucket) * bucket))
+    s = 0
+    while s < n:
+        # Short rows (e.g. report sections) go in larger batches: about batch x max_len tokens each.
+        width = width_of(lengths[order[s]])
+        rows = batch * max(1, max_len // width)
+        idx = order[s:s + rows]
+        idx = idx[[width_of(lengths[i]) == width for i in idx]]  # one width per batch
+        s += len(idx)
         ids, mask = table.input_ids[idx, :width], table.attention_mask[idx, :width]
-        pad = batch - len(idx)
+        pad = rows - len(idx)
         if pad:  # keep the batch dimension fixed (one shape per width)
             ids = np.concatenate([ids, np.repeat(ids[:1], pad, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
         feats = np.asarray(text_fn(ids, mask))[:len(idx)]
-        if out is None:  # pooled [n, H], or token states [n, max_len, H] (zero beyond each batch's width)
-            shape = (n, feats.shape[-1]) if feats.ndim == 2 else (n, max_len, feats.shape[-1])
+        if out is None:
+            if feats.ndim == 2:
+                shape = (n, feats.shape[-1])
+            else:
+                shape = (int(offsets[-1]), feats.shape[-1]) if ragged else (n, max_len, feats.shape[-1])
             out = np.zeros(shape, out_dtype)
         if feats.ndim == 2:
             out[idx] = feats
+        elif ragged:
+            for k, r in enumerate(idx):
+                out[offsets[r]:offsets[r + 1]] = feats[k, :lengths[r]]
         else:
             out[idx, :width] = feats
-    return out
+    return (out, offsets) if ragged else out
 
 
 def cache_text_features(table: pipeline.TextTable, text_fn: Callable) -> pipeline.TextTable:
-    """Adds the locked text tower's last hidden states to `table` (computed once; stored as float16
-    to halve host memory, ~2e-4 relative rounding; the trainable pooling sees them as float32)."""
-    return dataclasses.replace(table, features=run_text_tower(table, text_fn, out_dtype=np.float16))
+    """Adds the locked text tower's last hidden states to `table`, ragged (only each row's own tokens;
+    computed once; stored as float16 to halve host memory, ~2e-4 relative rounding; the trainable
+    pooling sees them as float32)."""
+    features, offsets = run_text_tower(table, text_fn, out_dtype=np.float16, ragged=True)
+    return dataclasses.replace(table, features=features, offsets=offsets)
+
+
+def train_records(config, manifest: Manifest) -> list:
+    """The training split, or its seeded `config.data.train_fraction` subset (nested across fractions)."""
+    records = manifest.split("train")
+    keep = sampling_lib.subset_indices(len(records), config.data.train_fraction, config.subset_seed)
+    return [records[i] for i in keep]
+
+
+def make_sampler(config, records) -> tuple[sampling_lib.BatchSampler, list[dict[str, str]]]:
+    d = config.data
+    texts = sampling_lib.unit_texts(records)
+    units = sampling_lib.study_units(records, texts)
+    sampler = sampling_lib.make_sampler(
+        units, config.batch_size, config.data_seed, strategy=d.sampling, balance_ratio=d.balance_ratio,
+        alternate=d.alternate, sections=None if d.sections is None else tuple(d.sections),
+        period=d.section_period, order=d.section_order)
+    return sampler, texts
 
 
 def train_source(config, manifest: Manifest, tokenizer, text_fn: Callable | None = None) -> pipeline.TrainBatches:
-    records = manifest.split("train")
-    sampler = pipeline.RandomSampler(len(records), config.batch_size, config.data_seed)
-    table = text_table(config, tokenizer, records)
+    records = train_records(config, manifest)
+    sampler, texts = make_sampler(config, records)
+    units = (sampling_lib.FULL,) + sampler.schedule.sections
+    unit_texts = pipeline.tokenize_units(tokenizer, texts, units, config.data.max_text_len)
     if text_fn is not None:
-        table = cache_text_features(table, text_fn)
-    return pipeline.TrainBatches(records, table, sampler,
+        unit_texts = dataclasses.replace(unit_texts, table=cache_text_features(unit_texts.table, text_fn))
+    return pipeline.TrainBatches(records, unit_texts, sampler,
                                  config.total_steps, ct_config(config),
                                  with_phenotypes=config.model.phenotype_weight > 0,
                                  process_index=jax.process_index(), process_count=jax.process_count())
@@ -474,9 +514,20 @@ def write_results(workdir: pathlib.Path, split: str, step: int, result: dict, co
 # ===================================================================================================
 
 
-def _append_batches(path: pathlib.Path, step: int, study_ids: list[str]) -> None:
+def _append_batches(path: pathlib.Path, step: int, unit: str, study_ids: list[str]) -> None:
     with path.open("a") as f:
-        f.write(json.dumps({"step": step, "studies": study_ids}) + "\n")
+        f.write(json.dumps({"step": step, "unit": unit, "studies": study_ids}) + "\n")
+
+
+def write_run_stats(workdir: pathlib.Path, config: ml_collections.ConfigDict, source: pipeline.TrainBatches) -> dict:
+    """WORKDIR/run_stats.json: what the batches of the whole run contain (they are a pure function of
+    the seeds and the step, so this holds for every run of this config, resumed or not)."""
+    stats = sampling_lib.run_statistics(source.sampler, config.total_steps)
+    stats = {"sampling": config.data.sampling, "train_fraction": config.data.train_fraction,
+             "seeds": {"model": config.seed, "data_order": config.data_seed, "subset": config.subset_seed},
+             **stats}
+    (workdir / "run_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
 
 
 def _truncate_batches(path: pathlib.Path, from_step: int) -> None:
@@ -498,6 +549,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
+    d = config.data
+    sampling_lib.check_options(strategy=d.sampling, balance_ratio=d.balance_ratio, train_fraction=d.train_fraction,
+                               sections=d.sections, period=d.section_period, order=d.section_order,
+                               seeds={"seed": config.seed, "data_seed": config.data_seed,
+                                      "subset_seed": config.subset_seed})
     manifest = resolve_data(config, workdir)
     tokenizer = tokenizer_for(config)
 
@@ -530,7 +586,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         text_fn = functools.partial(text_fn, state["params"], state["rest"])
     source = train_source(config, manifest, tokenizer, text_fn)
     del text_fn  # it holds the initial state's buffers, which the first step donates
-    train_records = manifest.split("train")
+    train_records = source.loader.records
     data_iter = pipeline.make_iterator(source, workers=config.data.workers, prefetch=config.data.prefetch)
     if latest is not None:
         data_iter = mngr.restore(latest, args=ocp.args.Composite(
@@ -539,6 +595,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if is_main:
         (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2))
         _truncate_batches(workdir / "train_batches.jsonl", start)
+        stats = write_run_stats(workdir, config, source)
+        logging.info("sampling %s: %d training studies, %d steps (%s), normal fraction per batch "
+                     "min/mean/max %.3f/%.3f/%.3f -> %s", config.data.sampling, stats["train_studies"],
+                     config.total_steps, ", ".join(f"{k} {v}" for k, v in stats["steps_per_unit"].items()),
+                     *stats["normal_fraction_per_batch"]["all"].values(), workdir / "run_stats.json")
 
     train_step = jax.jit(make_train_step(model, tx, schedule, config, mesh), donate_argnums=0,
                          out_shardings=(jax.tree.map(lambda x: x.sharding, abstract_state), replicated))
@@ -564,10 +625,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if int(batch["step"]) != step:
                 raise RuntimeError(f"data iterator is at step {int(batch['step'])}, trainer at {step}")
             if is_main:
-                _append_batches(workdir / "train_batches.jsonl", step,
+                _append_batches(workdir / "train_batches.jsonl", step, sampling_lib.UNITS[int(batch["unit"])],
                                 [train_records[i].study_id for i in batch["study_index"]])
             g = pipeline.to_global({k: v for k, v in batch.items()
-                                    if k not in ("step", "study_index", "labels")}, mesh)
+                                    if k not in ("step", "unit", "study_index", "labels")}, mesh)
             state, m = train_step(state, g)
             acc = m if acc is None else acc.merge(m)
             done = step + 1

@@ -2,8 +2,10 @@
 order. Both are Grain `MapDataset`s of whole per-host batches, so Grain's worker processes build
 batches in parallel and an iterator's state (the next step) resumes exactly.
 
-Texts are tokenised once, up front, into a `TextTable` (fast tokenizers do a 25k-study split in
-seconds); workers only read NIfTI files and preprocess them.
+Which text unit (full report or one organ section) and which studies make up each global batch is
+decided by `sampling.BatchSampler` (random, alternating, balanced). Texts are tokenised once, up
+front, into a `TextTable` with one row per (study, unit) used by the run (fast tokenizers do a
+25k-study split in seconds); workers only read NIfTI files and preprocess them.
 
 Multi-host: every process asks for the same global step and keeps its contiguous slice
 `[process_index * B_local, (process_index + 1) * B_local)` of the global batch's study indices; the
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Protocol, Sequence
+from typing import Sequence
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -23,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vljax.data import ct as ct_lib
 from vljax.data import reports as reports_lib
+from vljax.data import sampling
 from vljax.data.manifest import StudyRecord
 
 
@@ -33,15 +37,31 @@ from vljax.data.manifest import StudyRecord
 
 @dataclasses.dataclass(frozen=True)
 class TextTable:
-    """Token ids and masks [N, L] (int32) of one text per study, row i for study i; with a locked
-    text tower also its last hidden states `features` [N, L, H], which then replace the token ids."""
+    """Token ids and masks [R, L] (int32), one text per row. With a locked text tower also its last
+    hidden states, stored ragged (`features` [sum of row lengths, H] float16, row r at
+    `offsets[r]:offsets[r + 1]`), which then replace the token ids in batches."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     features: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.attention_mask.sum(1)
+
+    def hidden(self, rows: np.ndarray) -> np.ndarray:
+        """Cached token states of `rows`, zero-padded to [len(rows), L, H]."""
+        if self.features is None:
+            raise ValueError("this text table has no cached text-tower states")
+        out = np.zeros((len(rows), self.input_ids.shape[1], self.features.shape[-1]), self.features.dtype)
+        for k, r in enumerate(rows):
+            a, b = self.offsets[r], self.offsets[r + 1]
+            out[k, :b - a] = self.features[a:b]
+        return out
 
 
 def full_report_texts(records: Sequence[StudyRecord]) -> list[str]:
@@ -60,43 +80,36 @@ def tokenize_table(tokenizer, texts: Sequence[str], max_length: int) -> TextTabl
     return TextTable(enc["input_ids"], enc["attention_mask"])
 
 
-# ---------------------------------------------------------------------------------------------------
-# Samplers: global batch indices as a pure function of the step
-# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class UnitTexts:
+    """The text rows of the training studies: `rows[i, u]` is the `table` row of study i's text unit
+    u (`sampling.UNITS`: 0 = full report, 1..13 = sections), -1 where the study lacks that unit or
+    the run does not use it."""
+
+    table: TextTable
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def full_only(cls, table: TextTable) -> "UnitTexts":
+        rows = np.full((len(table), len(sampling.UNITS)), -1, np.int64)
+        rows[:, sampling.FULL] = np.arange(len(table))
+        return cls(table, rows)
 
 
-class Sampler(Protocol):
-    global_batch: int
-
-    def indices(self, step: int) -> np.ndarray:
-        """Study indices (into the training records) of the global batch at `step`."""
-
-
-class RandomSampler:
-    """Epoch-wise seeded permutations laid end to end; step s takes positions [sB, (s+1)B).
-
-    A batch may straddle two epochs; no study repeats within an epoch. Pure in (seed, step).
-    """
-
-    def __init__(self, num_studies: int, global_batch: int, seed: int):
-        if num_studies < 1:
-            raise ValueError("the training split is empty")
-        if global_batch < 1:
-            raise ValueError(f"batch size must be positive, got {global_batch}")
-        self.num_studies, self.global_batch, self.seed = num_studies, global_batch, seed
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_studies)
-
-    def indices(self, step: int) -> np.ndarray:
-        start = step * self.global_batch
-        positions = np.arange(start, start + self.global_batch)
-        epochs, offsets = np.divmod(positions, self.num_studies)
-        perms = {int(e): self._permutation(int(e)) for e in np.unique(epochs)}
-        return np.array([perms[int(e)][o] for e, o in zip(epochs, offsets)], np.int64)
-
-    def __repr__(self) -> str:
-        return f"RandomSampler(num_studies={self.num_studies}, global_batch={self.global_batch}, seed={self.seed})"
+def tokenize_units(tokenizer, texts: Sequence[dict[str, str]], units: Sequence[int], max_length: int) -> UnitTexts:
+    """One table row per (study, unit) with non-empty text, for the units in `units`."""
+    rows = np.full((len(texts), len(sampling.UNITS)), -1, np.int64)
+    flat: list[str] = []
+    for u in units:
+        name = sampling.UNITS[u]
+        for i, t in enumerate(texts):
+            if t[name].strip():
+                rows[i, u] = len(flat)
+                flat.append(t[name])
+    return UnitTexts(tokenize_table(tokenizer, flat, max_length), rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,8 +138,6 @@ class _StudyLoader:
 
     def __init__(self, records: Sequence[StudyRecord], text: TextTable, ct_config: ct_lib.CTPreprocessConfig,
                  with_phenotypes: bool):
-        if len(records) != len(text):
-            raise ValueError(f"{len(records)} records but {len(text)} tokenised texts")
         self.records, self.text, self.ct_config = tuple(records), text, ct_config
         self.with_phenotypes = with_phenotypes
         self.labels = np.array([r.labels for r in records], np.int8).reshape(len(records), -1)
@@ -137,26 +148,37 @@ class _StudyLoader:
                                  "set config.model.phenotype_weight=0 or complete the phenotype table")
             self.phenotypes = np.array([r.phenotypes for r in records], np.int8)
 
-    def load(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    def load(self, idx: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Studies `idx` with the texts in table rows `rows`."""
         volumes = np.stack([ct_lib.preprocess_ct(self.records[i].image, self.ct_config) for i in idx])
         batch = {"image": volumes, "labels": self.labels[idx], "study_index": idx.astype(np.int32)}
         if self.text.features is not None:
-            batch["text_hidden"] = self.text.features[idx]
+            batch["text_hidden"] = self.text.hidden(rows)
         else:
-            batch["input_ids"] = self.text.input_ids[idx]
-        batch["attention_mask"] = self.text.attention_mask[idx]
+            batch["input_ids"] = self.text.input_ids[rows]
+        batch["attention_mask"] = self.text.attention_mask[rows]
         if self.with_phenotypes:
             batch["phenotypes"] = self.phenotypes[idx]
         return batch
 
 
 class TrainBatches:
-    """Random-access Grain source: item `step` is this process's slice of the global batch at `step`."""
+    """Random-access Grain source: item `step` is this process's slice of the global batch at `step`
+    (`sampler.batch(step)`: a text unit and the studies), with the texts of that unit. `unit` in
+    the batch is the unit index (`sampling.UNITS`)."""
 
-    def __init__(self, records: Sequence[StudyRecord], text: TextTable, sampler: Sampler, total_steps: int,
-                 ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
+    def __init__(self, records: Sequence[StudyRecord], texts: UnitTexts, sampler: sampling.BatchSampler,
+                 total_steps: int, ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
                  process_index: int = 0, process_count: int = 1):
-        self.loader = _StudyLoader(records, text, ct_config, with_phenotypes)
+        if len(records) != len(texts):
+            raise ValueError(f"{len(records)} records but text rows for {len(texts)} studies")
+        self.loader = _StudyLoader(records, texts.table, ct_config, with_phenotypes)
+        self.rows = texts.rows
+        for u in (sampling.FULL,) + sampler.schedule.sections:
+            missing = sampler.units.available[:, u] & (self.rows[:, u] < 0)
+            if missing.any():
+                raise ValueError(f"{int(missing.sum())} studies have a {sampling.UNITS[u]!r} text but no "
+                                 f"tokenised row for it")
         self.sampler, self.total_steps = sampler, total_steps
         self.slice = host_slice(sampler.global_batch, process_index, process_count)
         self._repr = (f"TrainBatches(records={len(records)}:{_fingerprint(records)}, {sampler!r}, "
@@ -166,9 +188,11 @@ class TrainBatches:
         return self.total_steps
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        idx = self.sampler.indices(int(step))[self.slice]
-        batch = self.loader.load(idx)
+        b = self.sampler.batch(int(step))
+        idx = b.indices[self.slice]
+        batch = self.loader.load(idx, self.rows[idx, b.unit])
         batch["step"] = np.int64(step)
+        batch["unit"] = np.int32(b.unit)
         return batch
 
     def __repr__(self) -> str:
@@ -177,13 +201,16 @@ class TrainBatches:
 
 class EvalBatches:
     """Random-access source over one split in order: batch i holds studies [iB, (i+1)B), the last one
-    padded by repeating study 0 with `valid` = 0, so every batch has the same shape."""
+    padded by repeating study 0 with `valid` = 0, so every batch has the same shape. Row i of `text`
+    is study i's text."""
 
     def __init__(self, records: Sequence[StudyRecord], text: TextTable, global_batch: int,
                  ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
                  process_index: int = 0, process_count: int = 1):
         if not records:
             raise ValueError("the evaluation split is empty")
+        if len(records) != len(text):
+            raise ValueError(f"{len(records)} records but {len(text)} tokenised texts")
         self.loader = _StudyLoader(records, text, ct_config, with_phenotypes)
         self.global_batch, self.num_studies = global_batch, len(records)
         self.slice = host_slice(global_batch, process_index, process_count)
@@ -194,7 +221,8 @@ class EvalBatches:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         positions = np.arange(i * self.global_batch, (i + 1) * self.global_batch)[self.slice]
         valid = positions < self.num_studies
-        batch = self.loader.load(np.where(valid, positions, 0))
+        idx = np.where(valid, positions, 0)
+        batch = self.loader.load(idx, idx)
         batch["valid"] = valid.astype(np.int8)
         return batch
 
@@ -209,6 +237,10 @@ def make_iterator(source, *, workers: int = 0, prefetch: int = 2, start: int = 0
         ds = ds[start:]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker start-up reads its absl flags; outside an absl app (a library call, a
+            # notebook, a benchmark) they are not parsed yet and grain would raise. Use the defaults.
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                                per_worker_buffer_size=prefetch))
     return iter(it_ds)
