@@ -92,12 +92,6 @@ class UnitTexts:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @classmethod
-    def full_only(cls, table: TextTable) -> "UnitTexts":
-        rows = np.full((len(table), len(sampling.UNITS)), -1, np.int64)
-        rows[:, sampling.FULL] = np.arange(len(table))
-        return cls(table, rows)
-
 
 def tokenize_units(tokenizer, texts: Sequence[dict[str, str]], units: Sequence[int], max_length: int) -> UnitTexts:
     """One table row per (study, unit) with non-empty text, for the units in `units`."""

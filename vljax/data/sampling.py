@@ -213,9 +213,6 @@ class _Stream:
             self._cache = (epoch, _rng(seed, tag, unit, cls, epoch).permutation(len(self.pool)))
         return self.pool[self._cache[1][k * self.take:(k + 1) * self.take]]
 
-    def epoch_of(self, j: int) -> int:
-        return j // self.per_epoch if self.take else 0
-
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
