@@ -8,6 +8,7 @@ the session's 24-study phantom and the 8 fake CPU devices of conftest.py (global
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import shutil
 
@@ -134,6 +135,27 @@ def test_evaluate_cli_reproduces_the_final_results(full_run):
     assert path_val.name == "results_val.json" and json.loads(path_val.read_text())["step"] == 2
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
         evaluate.evaluate_run(workdir, "test", 3)
+
+
+def test_diagnose_reproduces_zero_shot_and_measures_each_side(full_run):
+    from vljax import diagnose
+
+    workdir, config, _ = full_run
+    saved = json.loads((workdir / "results.json").read_text())["zero_shot"]
+    d = diagnose.diagnose_run(workdir, "test", probe_train=0, supervised=True, supervised_steps=3)
+    json.dumps(d, allow_nan=False)
+    zs = d["zero_shot"]
+    assert zs["macro_f1"] == saved["macro_f1"] and zs["baselines"] == saved["baselines"]
+    assert {f: v["f1"] for f, v in zs["per_finding"].items()} == {
+        f: v["f1"] for f, v in saved["per_finding"].items()}
+    for part in (zs, d["text_as_query"]["full_report"], d["text_as_query"]["own_section"], d["supervised_ceiling"]):
+        used = [f for f, v in part["best_threshold"]["per_finding"].items() if v is not None]
+        assert used and all(part["best_threshold"]["per_finding"][f] >= part["per_finding"][f]["f1"] - 1e-12
+                            for f in used)
+    sup = d["supervised_ceiling"]
+    assert sup["steps"] == 3 and sup["batch_size"] == config.batch_size and math.isfinite(sup["final_train_bce"])
+    assert d["image_probe"]["train_studies"] == len(train.train_records(config, train.resolve_data(config, workdir)))
+    assert "probe AUROC" in diagnose.format_report(d)
 
 
 def test_one_step_changes_parameters_and_keeps_batch_stats_finite(full_run):

@@ -25,9 +25,11 @@ _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "override config.data.dir (data moved since training)")
 
 
-def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1,
-                 data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
-    """Evaluates checkpoint `step` of the run in `workdir`; returns (results, path written)."""
+def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None = None) -> dict:
+    """Config, data, model and restored state of checkpoint `step` (-1: the latest) of a run.
+
+    Returns a dict with config, manifest, tokenizer, mesh, model, params, rest and step.
+    """
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
@@ -55,9 +57,19 @@ def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
         state = train.restore_state(mngr, step, abstract)
     finally:
         mngr.close()
-    result = train.evaluate_split(config, model, state["params"], state["rest"], manifest.split(split),
-                                  tokenizer, mesh)
-    path = train.write_results(workdir, split, step, result, config) if jax.process_index() == 0 else None
+    return dict(config=config, manifest=manifest, tokenizer=tokenizer, mesh=mesh, model=model,
+                params=state["params"], rest=state["rest"], step=step)
+
+
+def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1,
+                 data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
+    """Evaluates checkpoint `step` of the run in `workdir`; returns (results, path written)."""
+    run = load_run(workdir, step, data_dir)
+    config = run["config"]
+    result = train.evaluate_split(config, run["model"], run["params"], run["rest"],
+                                  run["manifest"].split(split), run["tokenizer"], run["mesh"])
+    path = (train.write_results(pathlib.Path(workdir), split, run["step"], result, config)
+            if jax.process_index() == 0 else None)
     return result, path
 
 

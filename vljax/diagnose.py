@@ -1,0 +1,263 @@
+r"""Why is zero-shot F1 what it is? Calibration, text side and image side of a trained run.
+
+  python -m vljax.diagnose --workdir=/tmp/vljax_run [--split=test] [--step=N] [--supervised]
+
+Loads the run like `vljax.evaluate` and measures, on the split (`vljax/evals/diagnostics.py`):
+
+1. zero-shot as in results.json (Merlin's fixed rule: positive when the score is > 0);
+2. the same scores at each finding's best threshold, chosen on the split itself (an upper bound on
+   recalibration, not a result);
+3. the protocol with each study's own report text, and its own organ section, in place of the image
+   (can the text tower and the phrase lists read the finding at all?);
+4. a ridge probe from the image tower's pooled features (`--probe_train` training studies) to each
+   finding (has the image tower learned it?);
+5. with `--supervised`: the image tower trained from scratch on the 30 labels themselves (masked
+   BCE) with the run's own tower, volume geometry, batch, steps and optimiser, evaluated with the
+   same rule (logit > 0) — what a label-supervised model reaches with the same compute, a ceiling for
+   zero-shot. Volumes are preprocessed once and held in memory (meant for the small phantom volumes).
+
+Runs in one process (any number of local devices). Writes `WORKDIR/diagnostics_<split>.json` and
+prints a per-finding table. Only study ids, counts and
+metrics are written, never report text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from vljax import evaluate, losses, train
+from vljax.data import ct as ct_lib
+from vljax.data import pipeline, reports as reports_lib, sampling
+from vljax.data.findings import FINDING_SECTION, FINDINGS
+from vljax.evals import diagnostics, zero_shot
+from vljax.models.resnet3d import ResNet3D
+
+_WORKDIR = train._WORKDIR
+_SPLIT = evaluate._SPLIT
+_STEP = evaluate._STEP
+_DATA_DIR = evaluate._DATA_DIR
+_PROBE_TRAIN = flags.DEFINE_integer("probe_train", 400, "training studies for the ridge probe (0: all)")
+_SUPERVISED = flags.DEFINE_bool("supervised", False, "also train the label-supervised image tower")
+_SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 0, "its steps (0: the run's total_steps)")
+
+_MAX_CACHED_BYTES = 8 << 30  # the supervised ceiling holds every volume in memory
+
+
+def _summary(metrics: dict) -> dict:
+    return {"macro_f1": metrics["macro_f1"], "macro_auroc": metrics["macro_auroc"],
+            "baselines": metrics["baselines"], "per_finding": {k: {"f1": v["f1"], "auroc": v["auroc"]} for k, v in metrics["per_finding"].items()}}
+
+
+def _protocol(scores: np.ndarray, labels: np.ndarray) -> dict:
+    out = _summary(zero_shot.zero_shot_metrics(scores, labels, seed=0))
+    out["best_threshold"] = diagnostics.best_threshold_metrics(scores, labels)
+    return out
+
+
+def _embed_images(run: dict, records, with_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    config, model, mesh = run["config"], run["model"], run["mesh"]
+    embed_image, _ = train.make_embed_fns(model, mesh)
+
+    @jax.jit
+    def features(params, rest, image):
+        return nnx.merge(model.graphdef, params, rest, copy=True).image_features(image, train=False)
+
+    texts = train.text_table(config, run["tokenizer"], records)
+    source = pipeline.EvalBatches(records, texts, config.eval_batch_size, train.ct_config(config))
+    emb, feats = [], []
+    for i in range(len(source)):
+        batch = source[i]
+        valid = batch["valid"].astype(bool)
+        image = pipeline.to_global({"image": batch["image"]}, mesh)["image"]
+        emb.append(np.asarray(embed_image(run["params"], run["rest"], image))[valid])
+        if with_features:
+            feats.append(np.asarray(features(run["params"], run["rest"], image))[valid])
+    return np.concatenate(emb), (np.concatenate(feats) if with_features else None)
+
+
+def _text_fn(run: dict):
+    _, embed_text = train.make_embed_fns(run["model"], run["mesh"])
+    return functools.partial(embed_text, run["params"], run["rest"])
+
+
+def text_side(run: dict, records, labels: np.ndarray, phrase_emb: np.ndarray,
+              table: zero_shot.PromptTable) -> dict:
+    """The protocol with each study's full report, and its own organ section, as the query."""
+    config, tokenizer, text_fn = run["config"], run["tokenizer"], _text_fn(run)
+    full = train.run_text_tower(train.text_table(config, tokenizer, records), text_fn)
+    units = sampling.unit_texts(records)
+    section_emb, present = {}, {}
+    for sec in sorted(set(FINDING_SECTION.values())):
+        has = np.array([bool(u[sec].strip()) for u in units])
+        emb = np.zeros((len(records), full.shape[1]), np.float32)
+        if has.any():
+            table_s = pipeline.tokenize_table(tokenizer, [u[sec] for u, h in zip(units, has) if h],
+                                              config.data.max_text_len)
+            emb[has] = train.run_text_tower(table_s, text_fn)
+        section_emb[sec], present[sec] = emb, has
+    sec_scores, sec_labels = diagnostics.section_scores(section_emb, present, phrase_emb, table, labels)
+    return {"full_report": _protocol(zero_shot.zero_shot_scores(full, phrase_emb, table), labels),
+            "own_section": _protocol(sec_scores, sec_labels)}
+
+
+def _cached_volumes(records, cfg: ct_lib.CTPreprocessConfig) -> np.ndarray:
+    need = len(records) * int(np.prod(cfg.shape)) * 4
+    if need > _MAX_CACHED_BYTES:
+        raise ValueError(f"--supervised holds every volume in memory: {len(records)} studies at "
+                         f"{cfg.shape} need {need / 2**30:.1f} GiB (limit {_MAX_CACHED_BYTES / 2**30:.0f} "
+                         "GiB); use it on small volumes (the phantom recipe)")
+    return np.stack([ct_lib.preprocess_ct(r.image, cfg) for r in records]).astype(np.float32)
+
+
+class _Classifier(nnx.Module):
+    def __init__(self, image_cfg, num_labels: int, rngs: nnx.Rngs):
+        self.tower = ResNet3D(image_cfg.depth, width=image_cfg.width, norm=image_cfg.norm,
+                              num_groups=image_cfg.num_groups, rngs=rngs)
+        self.head = nnx.Linear(self.tower.num_features, num_labels, rngs=rngs)
+
+    def __call__(self, x, *, train: bool):
+        return self.head(self.tower(x, train=train))
+
+
+def supervised_ceiling(config: ml_collections.ConfigDict, train_records, eval_records, *, steps: int,
+                       seed: int = 0) -> dict:
+    """Trains the run's image tower + a linear head on the 30 labels (masked BCE, -1 ignored) with the
+    run's batch size and optimiser settings for `steps`; zero-shot-style metrics (logit > 0) on
+    `eval_records`. Batches: seeded epoch permutations of the training studies."""
+    cfg = train.ct_config(config)
+    x_train, x_eval = _cached_volumes(train_records, cfg), _cached_volumes(eval_records, cfg)
+    y_train = np.array([r.labels for r in train_records], np.int8)
+    y_eval = np.array([r.labels for r in eval_records], np.int8)
+    batch = int(config.batch_size)
+    if len(train_records) < batch:
+        raise ValueError(f"{len(train_records)} training studies, fewer than one batch of {batch}")
+    net = _Classifier(config.model.image, len(FINDINGS), nnx.Rngs(seed))
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    o = config.optim
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, min(o.warmup_steps, max(steps - 1, 0)), steps,
+                                                  end_value=o.lr * o.end_lr_fraction)
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step_fn(params, rest, opt_state, x, y):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, rest, copy=True)
+            logits = model(x, train=True)
+            loss = losses.phenotype_bce(logits, (y == 1).astype(jnp.float32), mask=y != -1)
+            return loss, nnx.state(model, nnx.Not(nnx.Param))
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+    @jax.jit
+    def predict(params, rest, x):
+        return nnx.merge(graphdef, params, rest, copy=True)(x, train=False)
+
+    per_epoch = len(train_records) // batch
+    rng_order = np.random.default_rng(seed)
+    order, t0, loss = None, time.time(), float("nan")
+    for s in range(steps):
+        if s % per_epoch == 0:
+            order = rng_order.permutation(len(train_records))
+        idx = order[(s % per_epoch) * batch:(s % per_epoch + 1) * batch]
+        params, rest, opt_state, loss = step_fn(params, rest, opt_state, x_train[idx], y_train[idx])
+        if (s + 1) % max(steps // 5, 1) == 0:
+            logging.info("supervised ceiling: step %d/%d, BCE %.4f, %.1f steps/s", s + 1, steps, float(loss),
+                         (s + 1) / (time.time() - t0))
+    logits = np.concatenate([np.asarray(predict(params, rest, x_eval[i:i + batch]))
+                             for i in range(0, len(x_eval), batch)])
+    out = _protocol(logits, y_eval)
+    out.update(steps=steps, batch_size=batch, final_train_bce=float(loss), train_studies=len(train_records))
+    return out
+
+
+def diagnose_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1, data_dir: str | None = None,
+                 *, probe_train: int = 400, supervised: bool = False, supervised_steps: int = 0) -> dict:
+    run = evaluate.load_run(workdir, step, data_dir)
+    config, manifest = run["config"], run["manifest"]
+    records = manifest.split(split)
+    labels = np.array([r.labels for r in records], np.int8)
+    table = zero_shot.prompt_table()
+    enc = reports_lib.tokenize(run["tokenizer"], table.texts, min(64, config.data.max_text_len))
+    phrase_emb = train.run_text_tower(pipeline.TextTable(enc["input_ids"], enc["attention_mask"]), _text_fn(run))
+
+    image_emb, image_feat = _embed_images(run, records, with_features=True)
+    train_records = train.train_records(config, manifest)
+    probe_records = train_records if not probe_train else train_records[:probe_train]
+    _, probe_feat = _embed_images(run, probe_records, with_features=True)
+    out = {
+        "workdir": str(workdir), "split": split, "step": run["step"], "num_studies": len(records),
+        "zero_shot": _protocol(zero_shot.zero_shot_scores(image_emb, phrase_emb, table), labels),
+        "text_as_query": text_side(run, records, labels, phrase_emb, table),
+        "image_probe": dict(diagnostics.ridge_probe(probe_feat, np.array([r.labels for r in probe_records]),
+                                                    image_feat, labels), train_studies=len(probe_records)),
+    }
+    if supervised:
+        out["supervised_ceiling"] = supervised_ceiling(config, train_records, records,
+                                                       steps=supervised_steps or int(config.total_steps),
+                                                       seed=int(config.seed))
+    return out
+
+
+def format_report(d: dict) -> str:
+    """A per-finding table (F1 / AUROC) and the macro rows."""
+    cols = [("zero-shot", d["zero_shot"]), ("text:report", d["text_as_query"]["full_report"]),
+            ("text:section", d["text_as_query"]["own_section"])]
+    if "supervised_ceiling" in d:
+        cols.append(("supervised", d["supervised_ceiling"]))
+    head = f"{'finding':30s}" + "".join(f"{name:>16s}" for name, _ in cols) + f"{'probe AUROC':>14s}"
+    lines = [f"{d['split']} split, {d['num_studies']} studies, checkpoint {d['step']}: F1 / AUROC", head]
+
+    def cell(m, f):
+        v = m["per_finding"][f]
+        if v["f1"] is None or v["auroc"] is None:
+            return "-".rjust(16)
+        return f"{v['f1']:.2f} / {v['auroc']:.2f}".rjust(16)
+
+    for f in FINDINGS:
+        p = d["image_probe"]["per_finding"][f]
+        lines.append(f"{f:30s}" + "".join(cell(m, f) for _, m in cols) + (f"{p:>14.2f}" if p is not None else f"{'-':>14s}"))
+    lines.append(f"{'macro (fixed rule > 0)':30s}" + "".join(
+        f"{m['macro_f1']:.3f} / {m['macro_auroc']:.3f}".rjust(16) for _, m in cols)
+        + f"{d['image_probe']['macro_auroc']:>14.3f}")
+    lines.append(f"{'macro F1, best threshold':30s}" + "".join(
+        f"{m['best_threshold']['macro_f1']:>16.3f}" for _, m in cols) + "  (chosen on this split: upper bound)")
+    b = d["zero_shot"]["baselines"]
+    lines.append(f"baselines: all-positive {b['all_positive']:.3f}, random {b['random']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if _SUPERVISED_STEPS.value < 0:
+        raise app.UsageError("--supervised_steps must be >= 0")
+    try:
+        d = diagnose_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _DATA_DIR.value, probe_train=_PROBE_TRAIN.value,
+                         supervised=_SUPERVISED.value, supervised_steps=_SUPERVISED_STEPS.value)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    path = pathlib.Path(_WORKDIR.value) / f"diagnostics_{_SPLIT.value}.json"
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(d, indent=1, allow_nan=False))
+    print(format_report(d))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
