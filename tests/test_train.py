@@ -153,6 +153,7 @@ def test_diagnose_reproduces_zero_shot_and_measures_each_side(full_run):
         assert used and all(part["best_threshold"]["per_finding"][f] >= part["per_finding"][f]["f1"] - 1e-12
                             for f in used)
     sup = d["supervised_ceiling"]
+    assert sup["val_threshold"]["baselines"] == saved["baselines"]  # same test studies and findings
     assert sup["steps"] == 3 and sup["batch_size"] == config.batch_size and math.isfinite(sup["final_train_bce"])
     assert d["image_probe"]["train_studies"] == len(train.train_records(config, train.resolve_data(config, workdir)))
     assert "probe AUROC" in diagnose.format_report(d)

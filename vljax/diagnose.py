@@ -12,9 +12,11 @@ Loads the run like `vljax.evaluate` and measures, on the split (`vljax/evals/dia
 4. a ridge probe from the image tower's pooled features (`--probe_train` training studies) to each
    finding (has the image tower learned it?);
 5. with `--supervised`: the image tower trained from scratch on the 30 labels themselves (masked
-   BCE) with the run's own tower, volume geometry, batch, steps and optimiser, evaluated with the
-   same rule (logit > 0) — what a label-supervised model reaches with the same compute, a ceiling for
-   zero-shot. Volumes are preprocessed once and held in memory (meant for the small phantom volumes).
+   BCE) with the run's own tower, volume geometry, batch, steps and optimiser: what a label-supervised
+   model learns with the same compute. Scored with the fixed rule (logit > 0, the analogue of the
+   protocol's score > 0), and with per-finding thresholds chosen on the validation split and applied
+   to the evaluated split (what calibration with labels adds). Volumes are preprocessed once and held
+   in memory (meant for the small phantom volumes).
 
 Runs in one process (any number of local devices). Writes `WORKDIR/diagnostics_<split>.json` and
 prints a per-finding table. Only study ids, counts and
@@ -55,8 +57,10 @@ _MAX_CACHED_BYTES = 8 << 30  # the supervised ceiling holds every volume in memo
 
 
 def _summary(metrics: dict) -> dict:
+    keep = ("f1", "auroc", "n_pos", "n_neg")
     return {"macro_f1": metrics["macro_f1"], "macro_auroc": metrics["macro_auroc"],
-            "baselines": metrics["baselines"], "per_finding": {k: {"f1": v["f1"], "auroc": v["auroc"]} for k, v in metrics["per_finding"].items()}}
+            "n_findings": metrics["n_findings"], "excluded": metrics["excluded"], "baselines": metrics["baselines"],
+            "per_finding": {k: {m: v[m] for m in keep} for k, v in metrics["per_finding"].items()}}
 
 
 def _protocol(scores: np.ndarray, labels: np.ndarray) -> dict:
@@ -65,36 +69,38 @@ def _protocol(scores: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
-def _embed_images(run: dict, records, with_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    config, model, mesh = run["config"], run["model"], run["mesh"]
-    embed_image, _ = train.make_embed_fns(model, mesh)
+def _image_fns(run: dict):
+    """Jitted (pooled features, projected embeddings) of a volume batch, in evaluation mode."""
+    graphdef = run["model"].graphdef
 
     @jax.jit
-    def features(params, rest, image):
-        return nnx.merge(model.graphdef, params, rest, copy=True).image_features(image, train=False)
+    def both(params, rest, image):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return model.image_features(image, train=False), model.encode_image(image, train=False)
 
+    return both
+
+
+def _embed_images(run: dict, records) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled image features, image embeddings) of `records`, in order."""
+    config, mesh = run["config"], run["mesh"]
     texts = train.text_table(config, run["tokenizer"], records)
     source = pipeline.EvalBatches(records, texts, config.eval_batch_size, train.ct_config(config))
-    emb, feats = [], []
+    feats, emb = [], []
     for i in range(len(source)):
         batch = source[i]
         valid = batch["valid"].astype(bool)
         image = pipeline.to_global({"image": batch["image"]}, mesh)["image"]
-        emb.append(np.asarray(embed_image(run["params"], run["rest"], image))[valid])
-        if with_features:
-            feats.append(np.asarray(features(run["params"], run["rest"], image))[valid])
-    return np.concatenate(emb), (np.concatenate(feats) if with_features else None)
-
-
-def _text_fn(run: dict):
-    _, embed_text = train.make_embed_fns(run["model"], run["mesh"])
-    return functools.partial(embed_text, run["params"], run["rest"])
+        f, e = run["image_fn"](run["params"], run["rest"], image)
+        feats.append(np.asarray(f)[valid])
+        emb.append(np.asarray(e)[valid])
+    return np.concatenate(feats), np.concatenate(emb)
 
 
 def text_side(run: dict, records, labels: np.ndarray, phrase_emb: np.ndarray,
               table: zero_shot.PromptTable) -> dict:
     """The protocol with each study's full report, and its own organ section, as the query."""
-    config, tokenizer, text_fn = run["config"], run["tokenizer"], _text_fn(run)
+    config, tokenizer, text_fn = run["config"], run["tokenizer"], run["text_fn"]
     full = train.run_text_tower(train.text_table(config, tokenizer, records), text_fn)
     units = sampling.unit_texts(records)
     section_emb, present = {}, {}
@@ -112,18 +118,17 @@ def text_side(run: dict, records, labels: np.ndarray, phrase_emb: np.ndarray,
 
 
 def _cached_volumes(records, cfg: ct_lib.CTPreprocessConfig) -> np.ndarray:
-    need = len(records) * int(np.prod(cfg.shape)) * 4
-    if need > _MAX_CACHED_BYTES:
-        raise ValueError(f"--supervised holds every volume in memory: {len(records)} studies at "
-                         f"{cfg.shape} need {need / 2**30:.1f} GiB (limit {_MAX_CACHED_BYTES / 2**30:.0f} "
-                         "GiB); use it on small volumes (the phantom recipe)")
     return np.stack([ct_lib.preprocess_ct(r.image, cfg) for r in records]).astype(np.float32)
 
 
 class _Classifier(nnx.Module):
-    def __init__(self, image_cfg, num_labels: int, rngs: nnx.Rngs):
+    """The run's image tower and a linear head (float32 head, as the two-tower projections)."""
+
+    def __init__(self, config, num_labels: int, rngs: nnx.Rngs):
+        image_cfg = config.model.image
         self.tower = ResNet3D(image_cfg.depth, width=image_cfg.width, norm=image_cfg.norm,
-                              num_groups=image_cfg.num_groups, rngs=rngs)
+                              num_groups=image_cfg.num_groups, remat=bool(image_cfg.remat),
+                              dtype=jnp.dtype(config.model.dtype), rngs=rngs)
         self.head = nnx.Linear(self.tower.num_features, num_labels, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
@@ -131,24 +136,31 @@ class _Classifier(nnx.Module):
 
 
 def supervised_ceiling(config: ml_collections.ConfigDict, train_records, eval_records, *, steps: int,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, val_records=()) -> dict:
     """Trains the run's image tower + a linear head on the 30 labels (masked BCE, -1 ignored) with the
-    run's batch size and optimiser settings for `steps`; zero-shot-style metrics (logit > 0) on
-    `eval_records`. Batches: seeded epoch permutations of the training studies."""
+    run's batch size and optimiser (`train.make_optimizer`, schedule over `steps`); metrics on
+    `eval_records` with the fixed rule (logit > 0) and, given `val_records`, with per-finding
+    thresholds chosen on them. Batches: seeded epoch permutations of the training studies."""
+    if steps < 1:
+        raise ValueError(f"supervised steps must be >= 1, got {steps}")
     cfg = train.ct_config(config)
-    x_train, x_eval = _cached_volumes(train_records, cfg), _cached_volumes(eval_records, cfg)
+    volumes = int(np.prod(cfg.shape)) * 4 * (len(train_records) + len(eval_records) + len(val_records))
+    if volumes > _MAX_CACHED_BYTES:
+        raise ValueError(f"--supervised holds every volume in memory: {volumes / 2**30:.1f} GiB for "
+                         f"{cfg.shape} volumes (limit {_MAX_CACHED_BYTES / 2**30:.0f} GiB); use it on small "
+                         "volumes (the phantom recipe)")
+    x_train = _cached_volumes(train_records, cfg)
     y_train = np.array([r.labels for r in train_records], np.int8)
-    y_eval = np.array([r.labels for r in eval_records], np.int8)
     batch = int(config.batch_size)
     if len(train_records) < batch:
         raise ValueError(f"{len(train_records)} training studies, fewer than one batch of {batch}")
-    net = _Classifier(config.model.image, len(FINDINGS), nnx.Rngs(seed))
+    net = _Classifier(config, len(FINDINGS), nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-    o = config.optim
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, min(o.warmup_steps, max(steps - 1, 0)), steps,
-                                                  end_value=o.lr * o.end_lr_fraction)
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
-                     optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    opt_config = ml_collections.ConfigDict(config.to_dict())
+    opt_config.total_steps = steps
+    opt_config.optim.warmup_steps = min(int(config.optim.warmup_steps), steps - 1)
+    opt_config.model.text.trainable = True  # no text tower here
+    tx, _ = train.make_optimizer(opt_config)
     opt_state = tx.init(params)
 
     @jax.jit
@@ -177,9 +189,18 @@ def supervised_ceiling(config: ml_collections.ConfigDict, train_records, eval_re
         if (s + 1) % max(steps // 5, 1) == 0:
             logging.info("supervised ceiling: step %d/%d, BCE %.4f, %.1f steps/s", s + 1, steps, float(loss),
                          (s + 1) / (time.time() - t0))
-    logits = np.concatenate([np.asarray(predict(params, rest, x_eval[i:i + batch]))
-                             for i in range(0, len(x_eval), batch)])
+    def logits_of(records):
+        x = _cached_volumes(records, cfg)
+        return np.concatenate([np.asarray(predict(params, rest, x[i:i + batch])) for i in range(0, len(x), batch)])
+
+    y_eval = np.array([r.labels for r in eval_records], np.int8)
+    logits = logits_of(eval_records)
     out = _protocol(logits, y_eval)
+    if len(val_records):
+        y_val = np.array([r.labels for r in val_records], np.int8)
+        thresholds = diagnostics.best_thresholds(logits_of(val_records), y_val)
+        shifted = logits - np.where(np.isnan(thresholds), 0.0, thresholds)[None, :]
+        out["val_threshold"] = _summary(zero_shot.zero_shot_metrics(shifted, y_eval, seed=0))
     out.update(steps=steps, batch_size=batch, final_train_bce=float(loss), train_studies=len(train_records))
     return out
 
@@ -188,16 +209,19 @@ def diagnose_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
                  *, probe_train: int = 400, supervised: bool = False, supervised_steps: int = 0) -> dict:
     run = evaluate.load_run(workdir, step, data_dir)
     config, manifest = run["config"], run["manifest"]
+    _, embed_text = train.make_embed_fns(run["model"], run["mesh"])
+    run["text_fn"] = functools.partial(embed_text, run["params"], run["rest"])
+    run["image_fn"] = _image_fns(run)
     records = manifest.split(split)
     labels = np.array([r.labels for r in records], np.int8)
     table = zero_shot.prompt_table()
     enc = reports_lib.tokenize(run["tokenizer"], table.texts, min(64, config.data.max_text_len))
-    phrase_emb = train.run_text_tower(pipeline.TextTable(enc["input_ids"], enc["attention_mask"]), _text_fn(run))
+    phrase_emb = train.run_text_tower(pipeline.TextTable(enc["input_ids"], enc["attention_mask"]), run["text_fn"])
 
-    image_emb, image_feat = _embed_images(run, records, with_features=True)
+    image_feat, image_emb = _embed_images(run, records)
     train_records = train.train_records(config, manifest)
     probe_records = train_records if not probe_train else train_records[:probe_train]
-    _, probe_feat = _embed_images(run, probe_records, with_features=True)
+    probe_feat, _ = _embed_images(run, probe_records)
     out = {
         "workdir": str(workdir), "split": split, "step": run["step"], "num_studies": len(records),
         "zero_shot": _protocol(zero_shot.zero_shot_scores(image_emb, phrase_emb, table), labels),
@@ -206,9 +230,10 @@ def diagnose_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
                                                     image_feat, labels), train_studies=len(probe_records)),
     }
     if supervised:
+        val = manifest.split("val") if split != "val" else ()
         out["supervised_ceiling"] = supervised_ceiling(config, train_records, records,
                                                        steps=supervised_steps or int(config.total_steps),
-                                                       seed=int(config.seed))
+                                                       seed=int(config.seed), val_records=val)
     return out
 
 
@@ -230,11 +255,17 @@ def format_report(d: dict) -> str:
     for f in FINDINGS:
         p = d["image_probe"]["per_finding"][f]
         lines.append(f"{f:30s}" + "".join(cell(m, f) for _, m in cols) + (f"{p:>14.2f}" if p is not None else f"{'-':>14s}"))
+    def num(x, width):
+        return (f"{x:.3f}" if x is not None else "-").rjust(width)
+
     lines.append(f"{'macro (fixed rule > 0)':30s}" + "".join(
-        f"{m['macro_f1']:.3f} / {m['macro_auroc']:.3f}".rjust(16) for _, m in cols)
-        + f"{d['image_probe']['macro_auroc']:>14.3f}")
+        num(m["macro_f1"], 8) + " / " + num(m["macro_auroc"], 5) for _, m in cols)
+        + num(d["image_probe"]["macro_auroc"], 14))
     lines.append(f"{'macro F1, best threshold':30s}" + "".join(
-        f"{m['best_threshold']['macro_f1']:>16.3f}" for _, m in cols) + "  (chosen on this split: upper bound)")
+        num(m["best_threshold"]["macro_f1"], 16) for _, m in cols) + "  (chosen on this split: upper bound)")
+    if "val_threshold" in d.get("supervised_ceiling", {}):
+        lines.append(f"supervised, thresholds chosen on val: macro F1 "
+                     f"{num(d['supervised_ceiling']['val_threshold']['macro_f1'], 0)}")
     b = d["zero_shot"]["baselines"]
     lines.append(f"baselines: all-positive {b['all_positive']:.3f}, random {b['random']:.3f}")
     return "\n".join(lines)

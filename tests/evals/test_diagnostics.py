@@ -10,7 +10,13 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 from vljax.data.findings import FINDING_SECTION, FINDINGS
-from vljax.evals.diagnostics import best_threshold_f1, best_threshold_metrics, ridge_probe, section_scores
+from vljax.evals.diagnostics import (
+    best_threshold_f1,
+    best_threshold_metrics,
+    best_thresholds,
+    ridge_probe,
+    section_scores,
+)
 from vljax.evals.zero_shot import binary_f1, prompt_table, zero_shot_metrics
 
 
@@ -39,6 +45,10 @@ def test_best_threshold_f1_hand_cases():
     assert math.isnan(best_threshold_f1(np.zeros(3, bool), np.arange(3.0)))
     with pytest.raises(ValueError):
         best_threshold_f1(np.ones(3, bool), np.ones(4))
+    with pytest.raises(ValueError, match="-1"):
+        best_threshold_f1(np.array([1, 0, -1]), np.arange(3.0))
+    with pytest.raises(ValueError, match="finite"):
+        best_threshold_f1(np.array([1, 0, 0]), np.array([np.nan, 1.0, 2.0]))
 
 
 def test_best_threshold_metrics_bounds_the_fixed_rule_and_skips_one_class_findings():
@@ -54,9 +64,28 @@ def test_best_threshold_metrics_bounds_the_fixed_rule_and_skips_one_class_findin
     assert best["per_finding"][FINDINGS[3]] is None and best["per_finding"][FINDINGS[5]] is None
     used = [f for f in FINDINGS if f not in fixed["excluded"]]
     assert sorted(used) == sorted(f for f, v in best["per_finding"].items() if v is not None)
-    for f in used:
-        assert best["per_finding"][f] >= fixed["per_finding"][f]["f1"] - 1e-12
+    for j, f in enumerate(FINDINGS):
+        if f in used:
+            m = labels[:, j] != -1
+            assert best["per_finding"][f] == pytest.approx(_brute_force_best_f1(labels[m, j] == 1, scores[m, j]))
+            assert best["per_finding"][f] >= fixed["per_finding"][f]["f1"] - 1e-12
     assert best["macro_f1"] == pytest.approx(np.mean([best["per_finding"][f] for f in used]))
+
+
+def test_best_thresholds_reproduce_the_best_f1_when_applied():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, size=(50, len(FINDINGS))).astype(np.int8)
+    labels[rng.random(labels.shape) < 0.2] = -1
+    labels[:, 4] = np.where(labels[:, 4] == -1, -1, 0)  # no positive: no threshold
+    scores = np.round(rng.normal(size=labels.shape) + labels, 1)
+    t = best_thresholds(scores, labels)
+    assert math.isnan(t[4]) and np.isfinite(np.delete(t, 4)).all()
+    for j in range(len(FINDINGS)):
+        if j == 4:
+            continue
+        m = labels[:, j] != -1
+        y, s = labels[m, j] == 1, scores[m, j]
+        assert binary_f1(y, s > t[j]) == pytest.approx(_brute_force_best_f1(y, s), abs=1e-12)
 
 
 def test_section_scores_read_each_finding_from_its_own_section():
@@ -105,9 +134,10 @@ def test_ridge_probe_matches_least_squares_and_finds_a_planted_direction():
     y_ev = rng.integers(0, 2, size=(n_ev, len(FINDINGS))).astype(np.int8)
     y_tr[rng.random(y_tr.shape) < 0.1] = -1
     y_ev[:, 7] = 0  # one class only in evaluation: left out
+    y_ev[rng.random(y_ev.shape) < 0.1] = -1
     x_tr, x_ev = rng.normal(size=(n_tr, d)), rng.normal(size=(n_ev, d))
-    x_tr[:, 0] += 3 * (y_tr[:, 2] == 1)  # finding 2 is linearly visible
-    x_ev[:, 0] += 3 * (y_ev[:, 2] == 1)
+    x_tr[:, 0] += 5 * (y_tr[:, 2] == 1)  # finding 2 is linearly visible
+    x_ev[:, 0] += 5 * (y_ev[:, 2] == 1)
     out = ridge_probe(x_tr, y_tr, x_ev, y_ev, l2=5.0)
     assert out["per_finding"][FINDINGS[7]] is None
     assert out["per_finding"][FINDINGS[2]] > 0.95

@@ -16,7 +16,7 @@ positive or negative left out of every macro average):
   to each finding, AUROC on the evaluated split: what the image tower has learned, whether or not
   zero-shot can read it out.
 
-`tools/diagnose_zero_shot.py` runs all of them on a trained run.
+`python -m vljax.diagnose` runs all of them on a trained run (`vljax/diagnose.py`).
 """
 
 from __future__ import annotations
@@ -26,26 +26,53 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from vljax.data.findings import FINDING_SECTION, FINDINGS
-from vljax.evals.zero_shot import PromptTable, auroc, zero_shot_scores
+from vljax.evals.zero_shot import PromptTable, _as_binary, auroc, zero_shot_scores
 
 
-def best_threshold_f1(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Max over thresholds t of F1(y, score > t), t ranging over every cut between distinct scores
-    (and below the smallest: all positive). NaN when there is no positive."""
-    y = np.asarray(y_true).astype(bool)
+def _best_cut(y_true: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """(best F1, threshold t achieving it with the rule score > t); (NaN, NaN) without positives."""
+    y = _as_binary(np.asarray(y_true), "y_true")
     s = np.asarray(score, dtype=np.float64)
     if y.shape != s.shape or y.ndim != 1:
         raise ValueError(f"need two equal 1-D arrays, got {y.shape} and {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
     n_pos = int(y.sum())
     if n_pos == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     tp = np.cumsum(y)
     k = np.arange(1, len(s) + 1)
     # Only cut after the last of a run of tied scores: "score > t" cannot split ties.
-    ends = np.r_[s[1:] != s[:-1], True]
-    return float(np.max(2.0 * tp[ends] / (n_pos + k[ends])))
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    f1 = 2.0 * tp[ends] / (n_pos + k[ends])
+    i = int(np.argmax(f1))
+    cut = ends[i]
+    # Threshold halfway to the next lower score (below the lowest: all positive).
+    t = (s[cut] + s[cut + 1]) / 2.0 if cut + 1 < len(s) else s[cut] - 1.0
+    return float(f1[i]), float(t)
+
+
+def best_threshold_f1(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Max over thresholds t of F1(y, score > t), t ranging over every cut between distinct scores
+    (and below the smallest: all positive). NaN when there is no positive. Labels must be 0/1."""
+    return _best_cut(y_true, score)[0]
+
+
+def best_thresholds(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[F] per finding, the threshold t of `best_threshold_f1` on the labelled studies (-1 left
+    out), to be applied as score > t on other studies; NaN where a class is missing."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be the same [N, F]")
+    out = np.full(scores.shape[1], np.nan)
+    for f in range(scores.shape[1]):
+        m = labels[:, f] != -1
+        y = labels[m, f] == 1
+        if y.any() and not y.all():
+            out[f] = _best_cut(y, scores[m, f])[1]
+    return out
 
 
 def best_threshold_metrics(scores: np.ndarray, labels: np.ndarray, *,
