@@ -148,6 +148,9 @@ def test_config_presets_and_errors(tmp_path):
     cfg = BertConfig.from_hf_json(default_bert_dir())
     assert (cfg.hidden_act, cfg.layer_norm_eps, cfg.vocab_size) == ("gelu", 1e-12, 30522)
     assert BertConfig.tiny(num_hidden_layers=1).num_hidden_layers == 1
+    mini = BertConfig.mini()  # BERT-tiny shape on the uncased vocabulary and 512 positions
+    assert (mini.hidden_size, mini.num_hidden_layers, mini.num_attention_heads, mini.intermediate_size,
+            mini.vocab_size, mini.max_position_embeddings) == (128, 2, 2, 512, 30522, 512)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "hidden_size": 8}))
     with pytest.raises(ValueError, match="model_type is 'roberta'"):
         BertConfig.from_hf_json(tmp_path)

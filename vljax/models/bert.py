@@ -96,6 +96,12 @@ class BertConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
+    def mini(cls, **overrides: Any) -> BertConfig:
+        """A 2-layer, 128-wide model on the standard uncased vocabulary (BERT-tiny shape)."""
+        base = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+        return cls(**{**base, **overrides})
+
+    @classmethod
     def small(cls, **overrides: Any) -> BertConfig:
         """A 4-layer, 256-wide model (BERT-small shape) on the standard uncased vocabulary."""
         base = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)

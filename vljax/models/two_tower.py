@@ -158,7 +158,7 @@ class ModelSpec:
     image_feature_norm: bool = False
     text_init: str = "pretrained"          # "pretrained" (HF folder) or "scratch"
     text_path: str | None = None            # HF BERT folder; None = the MiniLM checkpoint shipped by pip
-    text_size: str = "small"                # scratch preset: tiny | small | base
+    text_size: str = "small"                # scratch preset: tiny | mini | small | base
     vocab_size: int = 30522
     pooling: str = "cls"
     text_trainable: bool = True
@@ -193,7 +193,7 @@ class ModelSpec:
         if self.text_init == "pretrained":
             folder = pathlib.Path(self.text_path) if self.text_path else bert_lib.default_bert_dir()
             return bert_lib.BertConfig.from_hf_json(folder / "config.json")
-        presets = {"tiny": bert_lib.BertConfig.tiny, "small": bert_lib.BertConfig.small,
+        presets = {"tiny": bert_lib.BertConfig.tiny, "mini": bert_lib.BertConfig.mini, "small": bert_lib.BertConfig.small,
                    "base": bert_lib.BertConfig.base}
         if self.text_size not in presets:
             raise ValueError(f"config.model.text.size={self.text_size!r}: use one of {sorted(presets)}")
