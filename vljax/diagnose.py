@@ -122,7 +122,7 @@ def _cached_volumes(records, cfg: ct_lib.CTPreprocessConfig) -> np.ndarray:
 
 
 class _Classifier(nnx.Module):
-    """The run's image tower and a linear head (float32 head, as the two-tower projections)."""
+    """The run's image tower and a linear head over its pooled features."""
 
     def __init__(self, config, num_labels: int, rngs: nnx.Rngs):
         image_cfg = config.model.image
