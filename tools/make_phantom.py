@@ -18,13 +18,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spacing", type=float, nargs=3, default=(6.0, 6.0, 8.0), metavar=("X", "Y", "Z"),
                    help="nominal voxel size in mm (varied per study)")
+    p.add_argument("--signs", default="designed", choices=("designed", "anatomic"),
+                   help="finding conspicuity profile (vljax/data/phantom_signs.py)")
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--no-vary-orientation", action="store_true", help="store every study as RAS")
     p.add_argument("--force", action="store_true", help="regenerate even if the same phantom is already there")
     a = p.parse_args(argv)
     try:
         cfg = PhantomConfig(num_studies=a.num_studies, seed=a.seed, spacing=tuple(a.spacing),
-                            vary_orientation=not a.no_vary_orientation, workers=a.workers)
+                            vary_orientation=not a.no_vary_orientation, workers=a.workers,
+                            signs=a.signs)
         generate_phantom(a.out, cfg, reuse=not a.force)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import pytest
 
 from vljax.data import phantom as ph
 from vljax.data import phantom_anatomy as anatomy
+from vljax.data import phantom_signs as signs
 from vljax.data import phantom_text as text
 from vljax.data.findings import FINDING_SECTION, FINDINGS
 from vljax.data.manifest import load_manifest
@@ -95,8 +96,8 @@ def _changed_centroid(spec, finding):
     return int(changed.sum()), world.mean(axis=0) if len(idx) else None, float(diff.max())
 
 
-def _male_spec():
-    cfg = ph.PhantomConfig(seed=3)
+def _male_spec(signs: str = "designed"):
+    cfg = ph.PhantomConfig(seed=3, signs=signs)
     i = next(i for i in range(50) if ph.sample_spec(cfg, i).sex == "M")
     return ph.sample_spec(cfg, i)
 
@@ -118,9 +119,10 @@ REGION = {
 }
 
 
+@pytest.mark.parametrize("signs", ["designed", "anatomic"])
 @pytest.mark.parametrize("finding", FINDINGS)
-def test_every_finding_changes_the_volume_where_expected(finding):
-    spec = _male_spec()
+def test_every_finding_changes_the_volume_where_expected(finding, signs):
+    spec = _male_spec(signs)
     zd = anatomy.sample_anatomy(ph._rng(spec.seed, spec.index, 1), spec.sex)["zd"]
     n, centroid, peak = _changed_centroid(spec, finding)
     voxel_mm3 = float(np.prod(spec.spacing))
@@ -195,11 +197,11 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("finding", FINDINGS)
-def test_every_finding_survives_preprocessing_at_the_phantom_training_geometry(finding):
-    """What the model sees: stored orientation -> RAS -> 7x7x10 mm -> 64x64x48, window [-1000, 1000]."""
+def test_every_anatomic_finding_survives_preprocessing_at_a_finer_geometry(finding):
+    """The anatomic profile at 7x7x10 mm -> 64x64x48, window [-1000, 1000] (an accelerator-size input)."""
     from vljax.data.ct import CTPreprocessConfig, preprocess_volume
 
-    spec = _male_spec()
+    spec = _male_spec("anatomic")
     cfg = CTPreprocessConfig(spacing=(7.0, 7.0, 10.0), shape=(64, 64, 48))
     out = []
     for positives in ((), (finding,)):
@@ -210,3 +212,86 @@ def test_every_finding_survives_preprocessing_at_the_phantom_training_geometry(f
     diff = np.abs(out[1] - out[0])
     # > 20 HU (0.01 of the window) over several voxels, or a dense focal change (> 150 HU)
     assert (diff > 0.01).sum() >= 8 or diff.max() > 0.075, (finding, int((diff > 0.01).sum()), float(diff.max()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The signs table (vljax/data/phantom_signs.py): one table drives what is drawn and what is written.
+# ------------------------------------------------------------------------------------------------
+def _default_geometry_volume(spec, positives):
+    """What the phantom default's model sees: 18x18x24 mm voxels, 24x24x16, window [-200, 300]."""
+    from vljax.data.ct import CTPreprocessConfig, preprocess_volume
+
+    cfg = CTPreprocessConfig(spacing=(18.0, 18.0, 24.0), shape=(24, 24, 16), hu_window=(-200.0, 300.0))
+    hu = ph.render_canonical(spec, positives=positives)
+    data, affine = ph.to_storage(np.clip(np.rint(hu), -1024, 3071).astype(np.int16),
+                                 ph.canonical_affine(spec), spec.axcodes)
+    return preprocess_volume(data.astype(np.float32), affine, cfg)
+
+
+def test_signs_table_covers_every_finding_in_both_profiles():
+    assert set(signs.DESIGNED) == set(signs.ANATOMIC) == set(FINDINGS)
+    for f in FINDINGS:
+        d, a = signs.DESIGNED[f], signs.ANATOMIC[f]
+        assert d.drawn == a.drawn  # the same change, only larger / denser / more of it
+        assert abs(d.hu_change[0]) >= abs(a.hu_change[0]) or d.hu_change == a.hu_change, f
+    with pytest.raises(ValueError, match="signs profile"):
+        ph.PhantomConfig(signs="cartoon")
+
+
+def test_designed_findings_are_visible_at_the_phantom_default_geometry():
+    """Every designed finding changes several voxels by > 0.1 (50 HU in the window) in every study
+    at 18 mm voxels, and changes the input more than its anatomic rendering does."""
+    l1 = {p: {f: [] for f in FINDINGS} for p in ("designed", "anatomic")}
+    for profile in l1:
+        cfg = ph.PhantomConfig(seed=3, signs=profile)
+        specs = [s for s in (ph.sample_spec(cfg, i) for i in range(30)) if s.sex == "M"][:4]
+        for spec in specs:
+            base = _default_geometry_volume(spec, ())
+            for f in FINDINGS:
+                d = np.abs(_default_geometry_volume(spec, (f,)) - base)
+                l1[profile][f].append(float(d.sum()))
+                if profile == "designed":
+                    assert (d > 0.1).sum() >= 2, (f, spec.study_id, int((d > 0.1).sum()))
+    for f in FINDINGS:
+        assert np.mean(l1["designed"][f]) > np.mean(l1["anatomic"][f]) * 0.99, (f, l1["designed"][f], l1["anatomic"][f])
+
+
+def _mentioned_positive(findings_text: str, study_id: str) -> set[str]:
+    secs = split_sections(findings_text, study_id)
+    return {f for f in FINDINGS if any(p.search(secs.sections[FINDING_SECTION[f]]) for p in PATTERNS[f][0])}
+
+
+@pytest.mark.parametrize("profile", ["designed", "anatomic"])
+def test_what_is_drawn_is_written_in_its_section_and_vice_versa(profile):
+    """For each study: the findings whose removal changes the image are exactly the findings the
+    report describes as present, each in its own section, and quoted sizes are the drawn ones."""
+    cfg = ph.PhantomConfig(seed=21, signs=profile)
+    table = signs.signs_for(profile)
+    checked, quotes = set(), 0
+    for i in range(40):
+        spec = ph.sample_spec(cfg, i)
+        if not spec.positives:
+            continue
+        full = ph.render_canonical(spec)
+        drawn = {f for f in FINDINGS
+                 if not np.array_equal(ph.render_canonical(spec, positives=tuple(g for g in spec.positives if g != f)), full)}
+        findings_text, _ = ph.report_for(spec)
+        assert drawn == set(spec.positives) == _mentioned_positive(findings_text, spec.study_id), spec.study_id
+        anat, fp = ph._geometry(spec)
+        sizes = anatomy.drawn_sizes_cm(anat, fp)
+        checked.update(spec.positives)
+        for f in set(spec.positives) & {"renal cyst", "prostatomegaly", "abdominal aortic aneurysm", "lymphadenopathy"}:
+            lo, hi = table[f].size_mm  # diameters: the drawn size is within the table's range
+            assert lo / 10 - 1e-9 <= sizes[f] <= hi / 10 + 1e-9, (f, sizes[f])
+        # every size a report quotes is the drawn size of one of its positive findings
+        quoted = set(re.findall(r"(\d+\.\d) cm", findings_text))
+        assert quoted <= {f"{sizes[f]:.1f}" for f in spec.positives if f in sizes}, (spec.study_id, quoted)
+        quotes += len(quoted)
+    assert len(checked) >= 15 and quotes >= 3
+
+
+def test_build_notes_hold_the_designed_signs_table():
+    notes = pathlib.Path(__file__).resolve().parents[2] / "BUILD_NOTES.md"
+    assert signs.markdown_table("designed") in notes.read_text(), (
+        "BUILD_NOTES.md must hold the current table: python -c 'from vljax.data import phantom_signs as s; "
+        "print(s.markdown_table())'")

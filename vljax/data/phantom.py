@@ -34,10 +34,11 @@ import numpy as np
 from nibabel import orientations as nio
 
 from vljax.data import phantom_anatomy as anatomy
+from vljax.data import phantom_signs
 from vljax.data import phantom_text as text
 from vljax.data.findings import FINDINGS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IMAGES_DIR = "merlin_data"
 REPORTS_FILE = "reports.csv"
 LABELS_FILE = "zero_shot_findings_disease_cls.csv"
@@ -104,6 +105,7 @@ class PhantomConfig:
     seed: int = 0
     spacing: tuple[float, float, float] = (6.0, 6.0, 8.0)
     vary_orientation: bool = True
+    signs: str = "designed"  # phantom_signs profile: "designed" (conspicuous) or "anatomic" (earlier rendering)
     workers: int = 0  # 0: os.cpu_count()
 
     def __post_init__(self):
@@ -111,13 +113,15 @@ class PhantomConfig:
             raise ValueError(f"num_studies must be >= 1, got {self.num_studies}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0.3 or max(self.spacing) > 20:
             raise ValueError(f"spacing must be three values in (0.3, 20] mm, got {self.spacing}")
+        phantom_signs.signs_for(self.signs)  # raises on an unknown profile
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
     def identity(self) -> dict:
         """The fields that determine the output (not `workers`)."""
         return dict(num_studies=self.num_studies, seed=self.seed, spacing=list(map(float, self.spacing)),
-                    vary_orientation=self.vary_orientation, generator_version=GENERATOR_VERSION)
+                    vary_orientation=self.vary_orientation, signs=self.signs,
+                    signs_digest=phantom_signs.digest(self.signs), generator_version=GENERATOR_VERSION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,7 @@ class StudySpec:
     shape: tuple[int, int, int]  # canonical RAS shape
     origin: tuple[float, float, float]  # world position of canonical voxel (0, 0, 0)
     axcodes: str  # storage orientation, e.g. "LPS"
+    signs: str = "designed"  # phantom_signs profile
 
     @property
     def positives(self) -> tuple[str, ...]:
@@ -191,15 +196,15 @@ def sample_spec(cfg: PhantomConfig, index: int) -> StudySpec:
     codes, probs = zip(*ORIENTATIONS)
     axcodes = str(rng.choice(codes, p=probs)) if cfg.vary_orientation else "RAS"
     return StudySpec(index=index, seed=cfg.seed, study_id=study_id(index), split=split, sex=sex, age=age,
-                     labels=labels, spacing=(sxy, float(sy), sz), shape=shape, origin=origin, axcodes=axcodes)
+                     labels=labels, spacing=(sxy, float(sy), sz), shape=shape, origin=origin, axcodes=axcodes,
+                     signs=cfg.signs)
 
 
 def render_canonical(spec: StudySpec, positives: tuple[str, ...] | None = None) -> np.ndarray:
     """HU volume (float32) on the canonical RAS grid. `positives` overrides the spec's findings
     (used by tests to toggle one finding on an otherwise identical study)."""
     positives = spec.positives if positives is None else positives
-    anat = anatomy.sample_anatomy(_rng(spec.seed, spec.index, 1), spec.sex)
-    fparams = anatomy.sample_finding_params(_rng(spec.seed, spec.index, 2), anat)
+    anat, fparams = _geometry(spec)
     xs, ys, zs = (spec.origin[i] + spec.spacing[i] * np.arange(spec.shape[i], dtype=np.float64) for i in range(3))
     canvas = anatomy.Canvas(xs=xs, ys=ys, zs=zs, vol=np.full(spec.shape, anatomy.HU["air"], np.float32),
                             voxel=float(np.mean(spec.spacing)))
@@ -239,10 +244,18 @@ def nifti_image(data: np.ndarray, affine: np.ndarray, slice_thickness: float) ->
     return img
 
 
-def report_for(spec: StudySpec) -> tuple[str, str]:
+def _geometry(spec: StudySpec) -> tuple[dict, dict]:
+    """The study's anatomy and every finding's drawn geometry (sizes, HU, counts from its signs)."""
     anat = anatomy.sample_anatomy(_rng(spec.seed, spec.index, 1), spec.sex)
-    fparams = anatomy.sample_finding_params(_rng(spec.seed, spec.index, 2), anat)
-    return text.render_report(spec.labels, fparams, spec.sex, _rng(spec.seed, spec.index, 4))
+    fparams = anatomy.sample_finding_params(_rng(spec.seed, spec.index, 2), anat,
+                                            phantom_signs.signs_for(spec.signs))
+    return anat, fparams
+
+
+def report_for(spec: StudySpec) -> tuple[str, str]:
+    anat, fparams = _geometry(spec)
+    return text.render_report(spec.labels, fparams, spec.sex, _rng(spec.seed, spec.index, 4),
+                              anatomy.drawn_sizes_cm(anat, fparams))
 
 
 def phenotypes_for(spec: StudySpec) -> list[int]:

@@ -162,14 +162,15 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     b = a["body"]
     rx, ry, cy = b["rx"], b["ry"], b["cy"]
     zlo, zhi = canvas.zs[0] - 20, canvas.zs[-1] + 20
-    fat = b["fat"] + (14.0 if P("anasarca") else 0.0)
+    fat = b["fat"] + (fp["anasarca"]["thickness"] if P("anasarca") else 0.0)
 
     # Body wall: skin/subcutaneous fat, muscle, then the visceral cavity.
     canvas.cylinder_z(0, cy, rx, ry, zlo, zhi, HU["fat"])
     if P("anasarca"):  # subcutaneous oedema: stranding raises fat attenuation in a reticular pattern
         phase = fp["anasarca"]["phase"]
         canvas.cylinder_z(0, cy, rx, ry, zlo, zhi,
-                          lambda X, Y, Z, cur: -25.0 + 30.0 * np.sin(X / 6.0 + phase) * np.cos(Y / 7.0 + Z / 9.0))
+                          lambda X, Y, Z, cur: HU["fat"] + fp["anasarca"]["hu"]
+                          + 30.0 * np.sin(X / 6.0 + phase) * np.cos(Y / 7.0 + Z / 9.0))
     canvas.cylinder_z(0, cy, rx - fat, ry - fat, zlo, zhi, HU["muscle"])
     irx, iry = rx - fat - b["wall"], ry - fat - b["wall"]
     canvas.cylinder_z(0, cy, irx, iry, zlo, zhi, HU["visceral_fat"])
@@ -188,28 +189,32 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
             depth = fp["pleural effusion"]["depth"]
             canvas.paint(lambda X, Y, Z, c=c: np.maximum(
                 ellipsoid_sdf(X, Y, Z, np.asarray(c), np.asarray(lung_r)),
-                np.maximum(Y - (c[1] - lung_r[1] + depth), Z - (zd + 90))),
-                np.asarray(c) - lung_r, np.asarray(c) + lung_r, HU["fluid"],
+                np.maximum(Y - (c[1] - lung_r[1] + depth), Z - (zd + 90 + max(0.0, depth - 55.0)))),
+                np.asarray(c) - lung_r, np.asarray(c) + lung_r, HU["lung"] + fp["pleural effusion"]["hu"],
                 where=lambda cur: (cur < -500).astype(np.float32))
     if P("atelectasis"):  # plate-like collapsed lung at the bases
         for side in fp["atelectasis"]["sides"]:
             c = lung_c[0 if side == "right" else 1]
             zz = zd + fp["atelectasis"]["height"]
-            canvas.ellipsoid((c[0], c[1] - 10, zz), (lung_r[0] * 0.8, lung_r[1] * 0.55, 9.0), 55.0,
+            canvas.ellipsoid((c[0], c[1] - 10, zz + fp["atelectasis"]["half"] - 9.0),
+                             (lung_r[0] * 0.8, lung_r[1] * 0.55, fp["atelectasis"]["half"]),
+                             HU["lung"] + fp["atelectasis"]["hu"],
                              where=lambda cur: (cur < -500).astype(np.float32))
 
-    heart_r = np.asarray(a["heart"]["r"]) * (1.35 if P("cardiomegaly") else 1.0)
+    heart_r = np.asarray(a["heart"]["r"]) + (fp["cardiomegaly"]["growth"] if P("cardiomegaly") else 0.0)
     hc = np.asarray(a["heart"]["c"])
     canvas.ellipsoid(hc, heart_r + 6, HU["fat"])  # pericardial fat
     canvas.ellipsoid(hc, heart_r, HU["myocardium"])
     canvas.ellipsoid(hc + (0, 0, 5), heart_r * 0.7, HU["blood"])
     if P("coronary calcification"):
-        for u in fp["coronary calcification"]["spots"]:  # on the anterior/left heart surface
-            th, ph = u
+        for th, ph, rad in fp["coronary calcification"]["spots"]:  # on the anterior/left heart surface
             p = hc + heart_r * np.array([np.cos(th) * np.sin(ph), abs(np.sin(th)) * np.sin(ph), np.cos(ph)])
-            canvas.ellipsoid(p, (5.0, 5.0, 5.0), HU["calcium"])
+            canvas.ellipsoid(p, (rad, rad, rad), HU["myocardium"] + fp["coronary calcification"]["hu"])
     if P("aortic valve calcification"):  # aortic root, superior-medial heart
-        canvas.ellipsoid(hc + (12, 0, heart_r[2] * 0.55), (8.0, 8.0, 7.0), 950.0)
+        av = fp["aortic valve calcification"]
+        for ang in av["nodules"]:  # around the aortic root, superior-medial
+            p = hc + (12 + 0.5 * heart_r[0] * np.cos(ang), 0.5 * heart_r[1] * np.sin(ang), -heart_r[2] * 0.1)
+            canvas.ellipsoid(p, (av["radius"],) * 2 + (av["radius"] * 0.9,), HU["blood"] + av["hu"])
 
     # Hiatal hernia: stomach above the diaphragm, between the lung bases.
     st = a["stomach"]
@@ -223,45 +228,52 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     lv = a["liver"]
     lc, lr = np.asarray(lv["c"]), np.asarray(lv["r"])
     if P("hepatomegaly"):
-        lr = lr * np.array([1.12, 1.08, 1.5])
-        lc = lc + (0, 0, -0.45 * lv["r"][2])
+        growth = fp["hepatomegaly"]["growth"]
+        lr = lr * np.array([1.12, 1.08, 1.0]) + (0, 0, growth / 2)
+        lc = lc + (0, 0, -0.9 * growth / 2)
     liver_hu = HU["liver"] - (fp["hepatic steatosis"]["drop"] if P("hepatic steatosis") else 0.0)
     if P("ascites"):  # perihepatic, paracolic and pelvic fluid (painted before organs)
-        canvas.cylinder_z(0, cy, irx, iry, -195, zd - 5, HU["fluid"], where=_as_weight(_is_fat))
+        canvas.cylinder_z(0, cy, irx, iry, -195, zd - 5, HU["visceral_fat"] + fp["ascites"]["hu"],
+                          where=_as_weight(_is_fat))
         canvas.cylinder_z(0, cy + iry * 0.1, irx * 0.72, iry * 0.62, -195, zd - 5, HU["visceral_fat"])
     canvas.ellipsoid(lc, lr, liver_hu)
     canvas.ellipsoid(lc + (-30, 5, -20), (8, 8, 25), HU["portal"])  # hepatic/portal vessels
     if P("biliary ductal dilation"):
         hilum = lc + (-45, 10, -25)
-        for d in fp["biliary ductal dilation"]["branches"]:
-            canvas.tube(hilum, hilum + np.asarray(d), 5.5, HU["bile"])
-        canvas.tube(hilum, (25, 18, a["pancreas"]["z"] - 5), 6.0, HU["bile"])  # common duct
+        bd = fp["biliary ductal dilation"]
+        for d in bd["branches"]:
+            canvas.tube(hilum, hilum + np.asarray(d) * max(1.0, bd["radius"] / 6.0), bd["radius"], liver_hu + bd["hu"])
+        canvas.tube(hilum, (25, 18, a["pancreas"]["z"] - 5), bd["radius"] + 0.5, liver_hu + bd["hu"])  # common duct
     if P("metastatic disease"):
         for (u, rad) in fp["metastatic disease"]["lesions"]:
             p = lc + np.asarray(u) * lr * 0.6
             canvas.ellipsoid(p, (rad + 3,) * 3, 75.0)  # enhancing rim
-            canvas.ellipsoid(p, (rad,) * 3, 35.0)
+            canvas.ellipsoid(p, (rad,) * 3, HU["liver"] + fp["metastatic disease"]["hu"])
 
     # Gallbladder, stones, or surgical absence (clips in the fossa).
     gb = a["gallbladder"]
     gc, gr = np.asarray(gb["c"]), np.asarray(gb["r"])
     if P("surgically absent gallbladder"):
         canvas.ellipsoid(gc, gr, HU["visceral_fat"])
-        for off in fp["surgically absent gallbladder"]["clips"]:
-            canvas.ellipsoid(gc + np.asarray(off), (3.5, 3.5, 3.5), HU["metal"])
+        sg = fp["surgically absent gallbladder"]
+        for off in sg["clips"]:
+            canvas.ellipsoid(gc + np.asarray(off), (sg["radius"],) * 3, HU["visceral_fat"] + sg["hu"])
     else:
+        if P("gallstones"):  # a gallbladder packed with stones is distended around them
+            gr = gr + max(0.0, max(r for _, r in fp["gallstones"]["stones"]) - 8.0)
         canvas.ellipsoid(gc, gr + 2.5, HU["bowel_wall"])
         canvas.ellipsoid(gc, gr, HU["bile"])
         if P("gallstones"):
             for (off, rad) in fp["gallstones"]["stones"]:
-                canvas.ellipsoid(gc + np.asarray(off) * gr, (rad,) * 3, HU["stone"])
+                canvas.ellipsoid(gc + np.asarray(off) * gr, (rad,) * 3, HU["bile"] + fp["gallstones"]["hu"])
 
     # Spleen.
     sp = a["spleen"]
     sc, sr = np.asarray(sp["c"]), np.asarray(sp["r"])
     if P("splenomegaly"):
-        sr = sr * np.array([1.45, 1.35, 1.9])
-        sc = sc + (8, 15, -0.55 * sp["r"][2])
+        growth = fp["splenomegaly"]["growth"]
+        sr = sr * np.array([1.45, 1.35, 1.0]) + (0, 0, growth / 2)
+        sc = sc + (8, 15, -0.3 * growth)
     canvas.ellipsoid(sc, sr, HU["spleen"])
 
     # Stomach below the diaphragm (fluid with an anterior air cap).
@@ -272,8 +284,8 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
 
     # Pancreas: head near the duodenum, tail towards the splenic hilum.
     pz = a["pancreas"]["z"]
-    pr = a["pancreas"]["r"] * (0.42 if P("pancreatic atrophy") else 1.0)
-    p_hu = 35.0 if P("pancreatic atrophy") else HU["pancreas"]
+    pr = fp["pancreatic atrophy"]["radius"] if P("pancreatic atrophy") else a["pancreas"]["r"]
+    p_hu = HU["pancreas"] + (fp["pancreatic atrophy"]["hu"] if P("pancreatic atrophy") else 0.0)
     canvas.polyline([(28, 12, pz - 6), (0, 8, pz), (-40, -5, pz + 8), (-72, -18, pz + 16)], pr, p_hu)
 
     # Kidneys, adrenals, collecting systems.
@@ -282,21 +294,25 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     for side, sx in (("right", 1.0), ("left", -1.0)):
         kc = np.array([sx * 72.0, cy - iry * 0.45, kd["z"] + (kd["dz_left"] if sx < 0 else 0.0)])
         hydro = P("hydronephrosis") and side in fp["hydronephrosis"]["sides"]
-        krs = kr * (1.15 if hydro else 1.0)
+        hr = fp["hydronephrosis"]["radius"]
+        krs = kr * (1.15 if hydro else 1.0) + (hr - 7.0 if hydro else 0.0)
         canvas.tube(kc + (0, 0, krs[2] + 14), kc + (-sx * 10, 4, krs[2] + 30), 3.5, HU["adrenal"])
         canvas.ellipsoid(kc, krs, HU["kidney"])
         sinus_c = kc + (-sx * 12, 4, 0)
         if hydro:
-            canvas.ellipsoid(sinus_c, (17, 17, 36), HU["fluid"])
-            canvas.tube(sinus_c, (sx * 45, cy - iry * 0.35, -120), 7.0, HU["fluid"])  # dilated ureter
+            fluid = HU["kidney"] + fp["hydronephrosis"]["hu"]
+            canvas.ellipsoid(sinus_c, (10 + hr, 10 + hr, 29 + hr), fluid)
+            canvas.tube(sinus_c, (sx * 45, cy - iry * 0.35, -120), hr, fluid)  # dilated ureter
         else:
             canvas.ellipsoid(sinus_c, (9, 10, 28), HU["renal_sinus"])
-        if P("renal cyst") and side == fp["renal cyst"]["side"]:
-            u, rad = fp["renal cyst"]["pos"], fp["renal cyst"]["radius"]
-            canvas.ellipsoid(kc + np.asarray(u) * krs, (rad,) * 3, 4.0)
+        rc = fp["renal cyst"]
+        if P("renal cyst") and (side == rc["side"] or rc["both"]):
+            u = np.asarray(rc["pos"]) * ((1.0, 1.0, 1.0) if side == rc["side"] else (1.0, 1.0, -1.0))
+            canvas.ellipsoid(kc + u * krs, (rc["radius"],) * 3, HU["kidney"] + rc["hu"])
         if P("renal hypodensities"):
             for (u, rad) in fp["renal hypodensities"]["lesions"][side]:
-                canvas.ellipsoid(kc + np.asarray(u) * krs * 0.75, (rad,) * 3, 45.0)
+                canvas.ellipsoid(kc + np.asarray(u) * krs * 0.6, (rad,) * 3,
+                                 HU["kidney"] + fp["renal hypodensities"]["hu"])
 
     # Vessels: aorta (aneurysm, calcified plaques, iliac arteries), IVC, portal vein.
     ao = a["aorta"]
@@ -307,7 +323,8 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     if P("abdominal aortic aneurysm"):
         rad = fp["abdominal aortic aneurysm"]["radius"]
         z0, z1 = bif + 8, kd["z"] - 20
-        canvas.cylinder_z(acx, acy + rad - ar, rad, rad, z0, z1, HU["thrombus"])  # mural thrombus
+        canvas.cylinder_z(acx, acy + rad - ar, rad, rad, z0, z1,
+                          HU["blood"] + fp["abdominal aortic aneurysm"]["hu"])  # mural thrombus
         canvas.cylinder_z(acx, acy + rad - ar, rad * 0.55, rad * 0.55, z0, z1, HU["blood"])
     iliac_ends = [(55.0, cy - 10, -205.0), (-80.0, cy - 10, -205.0)]
     for e in iliac_ends:
@@ -317,15 +334,16 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     pv0, pv1 = np.array([8.0, 10.0, pz + 2]), lc + (-35, 5, -25)
     canvas.tube(pv0, pv1, 7.5, HU["portal"])
     if P("thrombosis"):
-        where = fp["thrombosis"]["vessel"]
-        if where == "portal vein":
-            canvas.tube(pv0 + 0.25 * (pv1 - pv0), pv0 + 0.85 * (pv1 - pv0), 6.5, HU["thrombus"])
+        th = fp["thrombosis"]
+        where, rad, clot = th["vessel"], th["radius"], HU["blood"] + th["hu"]
+        if where == "portal vein":  # the clot distends the vein over most of its length
+            canvas.tube(pv0 + 0.25 * (pv1 - pv0), pv0 + 0.85 * (pv1 - pv0), rad, clot)
         elif where == "inferior vena cava":
-            canvas.cylinder_z(ivc_x, acy - 2, 10, 8.5, kd["z"] - 40, kd["z"] + 10, HU["thrombus"])
+            canvas.cylinder_z(ivc_x, acy - 2, rad * 1.15, rad, kd["z"] - 40 - rad, kd["z"] + 10 + rad, clot)
         else:  # left common iliac vein alongside the artery
-            canvas.tube((acx - 5, acy - 10, bif - 5), (-70.0, cy - 18, -190.0), 8.0, HU["thrombus"])
+            canvas.tube((acx - 5, acy - 10, bif - 5), (-70.0, cy - 18, -190.0), rad, clot)
     if P("atherosclerosis"):
-        for (th, zf) in fp["atherosclerosis"]["plaques"]:
+        for (th, zf, rad) in fp["atherosclerosis"]["plaques"]:
             if zf < 0.75:
                 z = bif + zf / 0.75 * (zd + 40 - bif)
                 p = (acx + ar * np.cos(th), acy + ar * np.sin(th), z)
@@ -333,27 +351,28 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
                 e = iliac_ends[int(th > np.pi)]
                 t = (zf - 0.75) * 3.0
                 p = (acx + t * (e[0] - acx), acy + t * (e[1] - acy), bif + t * (e[2] - bif))
-            canvas.ellipsoid(p, (4.5, 4.5, 5.0), HU["calcium"])
+            canvas.ellipsoid(p, (rad, rad, rad * 1.1), HU["blood"] + fp["atherosclerosis"]["hu"])
 
     # Bowel: colon frame, small-bowel loops, appendix.
     obstruct = P("bowel obstruction")
     edema = P("submucosal edema")
     col_r = 10.0 if obstruct else 20.0
-    wall = 8.0 if edema else 3.0
+    wall = fp["submucosal edema"]["wall"] if edema else 3.0
+    submucosa = HU["bowel_wall"] + fp["submucosal edema"]["hu"]
     colon = [(100, 5, -105), (100, 5, -5), (60, 55, 10), (-60, 55, 10), (-100, 5, 0), (-100, 5, -110),
              (-40, -10, -135), (0, -45, -160)]
     canvas.polyline(colon, col_r + wall, HU["bowel_wall"])
     if edema:  # target sign: low-attenuation submucosa between mucosa and serosa
-        canvas.polyline(colon, col_r + wall - 2.5, 5.0)
+        canvas.polyline(colon, col_r + wall - 2.5, submucosa)
         canvas.polyline(colon, col_r + 1.5, HU["bowel_wall"] + 40)
     canvas.polyline(colon, col_r, HU["stool"])
-    sb_r = 24.0 if obstruct else 11.0
+    sb_r = fp["bowel obstruction"]["radius"] if obstruct else 11.0
     for (x, y, z, th) in a["bowel_loops"]:
         d = np.array([np.cos(th), np.sin(th) * 0.4, 0.35]) * 28
         p0, p1 = np.array([x, y, z]) - d, np.array([x, y, z]) + d
-        canvas.tube(p0, p1, sb_r + (3.0 if not edema else 7.0), HU["bowel_wall"])
+        canvas.tube(p0, p1, sb_r + (3.0 if not edema else wall - 1.0), HU["bowel_wall"])
         if edema:
-            canvas.tube(p0, p1, sb_r + 4.5, 5.0)
+            canvas.tube(p0, p1, sb_r + wall - 3.5, submucosa)
         canvas.tube(p0, p1, sb_r, HU["bowel_fluid"])
         if obstruct:  # air-fluid level in dilated loops: air in the non-dependent (anterior) part
             canvas.paint(lambda X, Y, Z, p0=p0, p1=p1: np.maximum(segment_sdf(X, Y, Z, p0, p1) - sb_r,
@@ -362,9 +381,12 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     app0 = np.array([92.0, 0.0, -112.0])
     app1 = app0 + np.asarray(fp["appendicitis"]["dir"]) * 60.0
     if P("appendicitis"):
-        canvas.tube(app0, app1, 26.0, lambda X, Y, Z, cur: np.maximum(cur, -20.0), where=_as_weight(_is_fat))
-        canvas.tube(app0, app1, 10.0, 70.0)
-        canvas.tube(app0, app1, 5.0, 20.0)
+        ap = fp["appendicitis"]
+        stranding = HU["visceral_fat"] + ap["hu"]
+        canvas.tube(app0, app1, ap["radius"], lambda X, Y, Z, cur: np.maximum(cur, stranding),
+                    where=_as_weight(_is_fat))
+        canvas.tube(app0, app1, ap["radius"] * 0.38, 70.0)
+        canvas.tube(app0, app1, ap["radius"] * 0.19, 20.0)
     else:
         canvas.tube(app0, app1, 4.0, HU["bowel_wall"])
 
@@ -373,7 +395,7 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
         canvas.ellipsoid(n, (4.0, 4.0, 5.0), HU["node"])
     if P("lymphadenopathy"):
         for (p, rad) in fp["lymphadenopathy"]["nodes"]:
-            canvas.ellipsoid(p, (rad, rad, rad * 1.2), HU["node"])
+            canvas.ellipsoid(p, (rad, rad, rad * 1.2), HU["visceral_fat"] + fp["lymphadenopathy"]["hu"])
 
     # Pelvis: bladder, prostate or uterus.
     bl = a["bladder"]
@@ -381,14 +403,19 @@ def render_anatomy(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     canvas.ellipsoid(bc, np.asarray(bl["r"]) + 3, HU["bowel_wall"])
     canvas.ellipsoid(bc, bl["r"], HU["bladder"])
     if a["sex"] == "M":
-        pr_r = fp["prostatomegaly"]["radius"] if P("prostatomegaly") else 17.0
-        canvas.ellipsoid(bc + (0, -12, -bl["r"][2] - pr_r * 0.6), (pr_r, pr_r * 0.9, pr_r), HU["prostate"])
+        if P("prostatomegaly"):  # the enlarged gland rises into the bladder base
+            pm = fp["prostatomegaly"]
+            pr_r = pm["radius"]
+            canvas.ellipsoid(bc + (0, -12, -bl["r"][2] - 17.0 * 0.6 + pr_r * 0.5), (pr_r, pr_r * 0.9, pr_r),
+                             HU["prostate"] + pm["hu"])
+        else:
+            canvas.ellipsoid(bc + (0, -12, -bl["r"][2] - 17.0 * 0.6), (17.0, 15.3, 17.0), HU["prostate"])
     else:
         canvas.ellipsoid(bc + (0, -45, 5), (32, 24, 38), HU["uterus"])
 
     # Free air rises to the non-dependent peritoneum, under the anterior wall.
     if P("free air"):
-        for (x, z, rad) in fp["free air"]["pockets"]:
+        for (x, z, rad) in fp["free air"]["pockets"]:  # rad: half the drawn diameter
             canvas.ellipsoid((x, cy + iry - rad * 0.35 - 2, z), (rad * 1.6, rad * 0.45, rad), HU["air"])
 
     # Skeleton: vertebral column (bodies, discs, canal), ribs, iliac wings.
@@ -402,7 +429,7 @@ def _as_weight(pred):
 def render_skeleton(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
     osteo = bool(pos.get("osteopenia"))
     cort = 480.0 if osteo else HU["cortical"]
-    canc = 95.0 if osteo else HU["cancellous"]
+    canc = HU["cancellous"] + fp["osteopenia"]["hu"] if osteo else HU["cancellous"]
     b = a["body"]
     sp = a["spine"]
     cy, r = sp["cy"], sp["r"]
@@ -419,10 +446,13 @@ def render_skeleton(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
         canvas.cylinder_z(0, cy, r - 0.5, r - 0.5, z - 3.5, z + 3.5, HU["disc"])
         z += period
     if pos.get("fracture"):  # compression fracture: loss of height, fracture cleft and sclerosis
-        zf = fp["fracture"]["z"]
-        canvas.cylinder_z(0, cy, r + 2, r + 2, zf - 6, zf + 6, HU["disc"])
-        canvas.cylinder_z(0, cy + r * 0.5, r * 0.6, r * 0.6, zf - 9, zf + 9, 15.0)
-        canvas.cylinder_z(0, cy, r, r, zf + 6, zf + 11, 1100.0)
+        half = fp["fracture"]["half"]
+        for zf in fp["fracture"]["levels"]:
+            canvas.cylinder_z(0, cy, r + 2, r + 2, zf - half * 2 / 3, zf + half * 2 / 3, HU["disc"])
+            cleft = r * 0.6 if half < 12 else r - 3  # a large cleft spans the vertebral body
+            canvas.cylinder_z(0, cy + r - cleft, cleft, cleft, zf - half, zf + half,
+                              HU["cancellous"] + fp["fracture"]["hu"])
+            canvas.cylinder_z(0, cy, r, r, zf + half * 2 / 3, zf + half * 2 / 3 + 5, 1100.0)
     # Ribs in the upper abdomen and lower thorax (periodic bands in the body wall).
     rib_r0 = b["rx"] - b["fat"] - b["wall"] * 0.5
     rib_r1 = b["ry"] - b["fat"] - b["wall"] * 0.5
@@ -442,40 +472,100 @@ def render_skeleton(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Finding parameters (drawn for every study, used only when the finding is positive)
 # --------------------------------------------------------------------------------------------
-def sample_finding_params(rng: np.random.Generator, anatomy: dict) -> dict:
-    """Geometry of every finding, drawn from its own stream so toggling one changes nothing else."""
+def sample_finding_params(rng: np.random.Generator, anatomy: dict, signs: dict) -> dict:
+    """Geometry of every finding, drawn from its own stream so toggling one changes nothing else.
+
+    Sizes, HU changes and counts come from `signs` (a `phantom_signs` profile); positions, sides
+    and directions are drawn here. Every finding's values are drawn whether or not it is positive."""
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+
+    def size(f):  # radius-like half size of one object, mm
+        return u(*signs[f].size_mm) / 2.0
+
+    def full(f):
+        return u(*signs[f].size_mm)
+
+    def hu(f):
+        return u(*signs[f].hu_change)
+
+    def count(f):
+        lo, hi = signs[f].count
+        return int(rng.integers(lo, hi + 1))
 
     def unit_in_ball(scale=1.0):
         v = rng.normal(size=3)
         return tuple(v / (np.linalg.norm(v) + 1e-9) * rng.uniform(0, 1) ** (1 / 3) * scale)
 
-    sides = lambda: [["right"], ["left"], ["right", "left"]][int(rng.integers(3))]  # noqa: E731
+    def sides(f):
+        both = count(f) == 2
+        one = ["right", "left"][int(rng.integers(2))]
+        return ["right", "left"] if both else [one]
+
     return {
-        "pleural effusion": dict(sides=sides(), depth=u(30, 55)),
-        "atelectasis": dict(sides=sides(), height=u(14, 30)),
-        "coronary calcification": dict(spots=[(u(0.2, 2.8), u(0.7, 1.6)) for _ in range(int(rng.integers(2, 5)))]),
-        "hepatic steatosis": dict(drop=u(55, 85)),
-        "biliary ductal dilation": dict(branches=[(u(10, 45), u(-25, 25), u(10, 35)) for _ in range(3)]),
-        "metastatic disease": dict(lesions=[(unit_in_ball(), u(7, 15)) for _ in range(int(rng.integers(3, 7)))]),
-        "gallstones": dict(stones=[((u(-0.4, 0.4), u(-0.5, -0.1), u(-0.7, -0.2)), u(5, 8))
-                                   for _ in range(int(rng.integers(1, 4)))]),
-        "surgically absent gallbladder": dict(clips=[(u(-10, 10), u(-8, 8), u(-15, 15)) for _ in range(2)]),
-        "renal cyst": dict(side=["right", "left"][int(rng.integers(2))],
+        "pleural effusion": dict(sides=sides("pleural effusion"), depth=full("pleural effusion"),
+                                 hu=hu("pleural effusion")),
+        "atelectasis": dict(sides=sides("atelectasis"), height=u(14, 30), half=size("atelectasis"),
+                            hu=hu("atelectasis")),
+        "cardiomegaly": dict(growth=full("cardiomegaly")),
+        "coronary calcification": dict(spots=[(u(0.2, 2.8), u(1.3, 2.3), size("coronary calcification"))
+                                              for _ in range(count("coronary calcification"))],
+                                       hu=hu("coronary calcification")),
+        "aortic valve calcification": dict(radius=size("aortic valve calcification"),
+                                           nodules=[u(0, 2 * np.pi) for _ in range(count("aortic valve calcification"))],
+                                           hu=hu("aortic valve calcification")),
+        "hepatomegaly": dict(growth=full("hepatomegaly")),
+        "hepatic steatosis": dict(drop=-hu("hepatic steatosis")),
+        "biliary ductal dilation": dict(branches=[(u(10, 45), u(-25, 25), u(10, 35))
+                                                  for _ in range(count("biliary ductal dilation"))],
+                                        radius=size("biliary ductal dilation"), hu=hu("biliary ductal dilation")),
+        "metastatic disease": dict(lesions=[(unit_in_ball(), size("metastatic disease"))
+                                            for _ in range(count("metastatic disease"))],
+                                   hu=hu("metastatic disease")),
+        "gallstones": dict(stones=[((u(-0.4, 0.4), u(-0.5, -0.1), u(-0.7, -0.2)), size("gallstones"))
+                                   for _ in range(count("gallstones"))], hu=hu("gallstones")),
+        "surgically absent gallbladder": dict(clips=[(u(-10, 10), u(-8, 8), u(-15, 15))
+                                                     for _ in range(count("surgically absent gallbladder"))],
+                                              radius=size("surgically absent gallbladder"),
+                                              hu=hu("surgically absent gallbladder")),
+        "splenomegaly": dict(growth=full("splenomegaly")),
+        "pancreatic atrophy": dict(radius=size("pancreatic atrophy"), hu=hu("pancreatic atrophy")),
+        "renal cyst": dict(side=["right", "left"][int(rng.integers(2))], both=count("renal cyst") == 2,
                            pos=tuple(np.array([u(-1, 1), u(-1, 1), u(-1, 1)]) / 1.9 + np.array([0.5, 0, 0])),
-                           radius=u(13, 22)),
-        "renal hypodensities": dict(lesions={s: [(unit_in_ball(), u(5.5, 8)) for _ in range(int(rng.integers(3, 6)))]
-                                             for s in ("right", "left")}),
-        "hydronephrosis": dict(sides=sides()),
-        "hiatal hernia": dict(size=u(24, 34)),
-        "abdominal aortic aneurysm": dict(radius=u(22, 32)),
-        "thrombosis": dict(vessel=["portal vein", "inferior vena cava", "left common iliac vein"][int(rng.integers(3))]),
-        "atherosclerosis": dict(plaques=[(u(0, 2 * np.pi), u(0, 1)) for _ in range(int(rng.integers(6, 14)))]),
-        "appendicitis": dict(dir=tuple(np.array([u(-0.5, 0.1), u(-0.2, 0.4), -1.0]) / np.linalg.norm([0.3, 0.2, 1.0]))),
-        "lymphadenopathy": dict(nodes=[((u(-50, 30), u(-50, 30), u(-120, 0)), u(9, 15))
-                                       for _ in range(int(rng.integers(3, 7)))]),
-        "prostatomegaly": dict(radius=u(27, 36)),
-        "free air": dict(pockets=[(u(-60, 60), u(-60, 50), u(10, 18)) for _ in range(int(rng.integers(1, 4)))]),
-        "fracture": dict(z=u(anatomy["zd"] - 150, anatomy["zd"] - 20)),
-        "anasarca": dict(phase=u(0, 2 * np.pi)),
+                           radius=size("renal cyst"), hu=hu("renal cyst")),
+        "renal hypodensities": dict(lesions={s: [(unit_in_ball(), size("renal hypodensities"))
+                                                 for _ in range(count("renal hypodensities"))]
+                                             for s in ("right", "left")}, hu=hu("renal hypodensities")),
+        "hydronephrosis": dict(sides=sides("hydronephrosis"), radius=size("hydronephrosis"),
+                               hu=hu("hydronephrosis")),
+        "bowel obstruction": dict(radius=size("bowel obstruction")),
+        "appendicitis": dict(dir=tuple(np.array([u(-0.5, 0.1), u(-0.2, 0.4), -1.0]) / np.linalg.norm([0.3, 0.2, 1.0])),
+                             radius=size("appendicitis"), hu=hu("appendicitis")),
+        "submucosal edema": dict(wall=full("submucosal edema"), hu=hu("submucosal edema")),
+        "hiatal hernia": dict(size=size("hiatal hernia")),
+        "ascites": dict(hu=hu("ascites")),
+        "abdominal aortic aneurysm": dict(radius=size("abdominal aortic aneurysm"), hu=hu("abdominal aortic aneurysm")),
+        "thrombosis": dict(vessel=["portal vein", "inferior vena cava", "left common iliac vein"][int(rng.integers(3))],
+                           radius=size("thrombosis"), hu=hu("thrombosis")),
+        "atherosclerosis": dict(plaques=[(u(0, 2 * np.pi), u(0, 1), size("atherosclerosis"))
+                                         for _ in range(count("atherosclerosis"))], hu=hu("atherosclerosis")),
+        "lymphadenopathy": dict(nodes=[((u(-50, 30), u(-50, 30), u(-120, 0)), size("lymphadenopathy"))
+                                       for _ in range(count("lymphadenopathy"))], hu=hu("lymphadenopathy")),
+        "prostatomegaly": dict(radius=size("prostatomegaly"), hu=hu("prostatomegaly")),
+        "free air": dict(pockets=[(u(-60, 60), u(-60, 50), size("free air")) for _ in range(count("free air"))]),
+        "fracture": dict(levels=[u(anatomy["zd"] - 150, anatomy["zd"] - 20) for _ in range(count("fracture"))],
+                         half=size("fracture"), hu=hu("fracture")),
+        "anasarca": dict(phase=u(0, 2 * np.pi), thickness=full("anasarca"), hu=hu("anasarca")),
+        "osteopenia": dict(hu=hu("osteopenia")),
+    }
+
+
+def drawn_sizes_cm(anatomy: dict, fp: dict) -> dict[str, float]:
+    """The size a report quotes for each finding that has one, measured from what is drawn (cm)."""
+    liver_cc = 2 * anatomy["liver"]["r"][2] + fp["hepatomegaly"]["growth"]
+    spleen_cc = 2 * anatomy["spleen"]["r"][2] + fp["splenomegaly"]["growth"]
+    return {
+        "hepatomegaly": liver_cc / 10, "splenomegaly": spleen_cc / 10,
+        "renal cyst": 2 * fp["renal cyst"]["radius"] / 10, "prostatomegaly": 2 * fp["prostatomegaly"]["radius"] / 10,
+        "abdominal aortic aneurysm": 2 * fp["abdominal aortic aneurysm"]["radius"] / 10,
+        "lymphadenopathy": 2 * max(r for _, r in fp["lymphadenopathy"]["nodes"]) / 10,
     }

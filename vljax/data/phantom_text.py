@@ -129,24 +129,25 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def _fill(template: str, finding: str, fp: dict, rng: np.random.Generator) -> str:
+def _fill(template: str, finding: str, fp: dict, rng: np.random.Generator, sizes: dict[str, float]) -> str:
     side = fp.get(finding, {}).get("sides") or [fp.get(finding, {}).get("side", "right")]
     side_text = "bilateral" if len(side) == 2 else side[0]
     sev = _pick(rng, SEVERITY)
     vessel = fp.get("thrombosis", {}).get("vessel", "portal vein")
     values = dict(side=side_text, Side=side_text.capitalize(), sev=sev, Sev=sev.capitalize(),
-                  size=f"{rng.uniform(1.2, 6.5):.1f}", level=_pick(rng, LEVELS), vessel=vessel,
+                  size=f"{sizes.get(finding, 0.0):.1f}", level=_pick(rng, LEVELS), vessel=vessel,
                   Vessel=vessel.capitalize())
     text = template.format(**values)
     return text[0].upper() + text[1:]
 
 
-def section_text(section: str, labels: dict[str, int], fp: dict, sex: str, rng: np.random.Generator) -> str:
+def section_text(section: str, labels: dict[str, int], fp: dict, sex: str, rng: np.random.Generator,
+                 sizes: dict[str, float]) -> str:
     """Body of one organ section: positives first, then a normal sentence or 'otherwise', then
     negations of the findings labelled 0, in a seeded order."""
     positives = [f for f in SECTION_FINDINGS[section] if labels[f] == 1]
     negatives = [f for f in SECTION_FINDINGS[section] if labels[f] == 0]
-    parts = [_fill(_pick(rng, PHRASES[f][0]), f, fp, rng) for f in positives]
+    parts = [_fill(_pick(rng, PHRASES[f][0]), f, fp, rng, sizes) for f in positives]
     if positives:
         parts.append(_pick(rng, OTHERWISE))
     elif section == "pelvic" and sex == "F":
@@ -189,9 +190,12 @@ def choose_header(section: str, sex: str, rng: np.random.Generator) -> str:
     return _pick(rng, headers)
 
 
-def render_report(labels: dict[str, int], fp: dict, sex: str, rng: np.random.Generator) -> tuple[str, str]:
+def render_report(labels: dict[str, int], fp: dict, sex: str, rng: np.random.Generator,
+                  sizes: dict[str, float]) -> tuple[str, str]:
     """(findings text, impression) for one study. Two layouts, as in real reports: one upper-case
-    header per line, or a single paragraph with sentence-case headers."""
+    header per line, or a single paragraph with sentence-case headers. `fp` is the drawn geometry
+    of every finding and `sizes` the sizes measured from it (cm), so the text quotes what the
+    image shows."""
     per_line = rng.uniform() < 0.6
     chunks: list[tuple[str, str]] = []
     for section in SECTIONS:
@@ -199,7 +203,7 @@ def render_report(labels: dict[str, int], fp: dict, sex: str, rng: np.random.Gen
         if not has_mention and section in ("adrenal_glands", "lymph_nodes") and rng.uniform() < 0.15:
             continue  # occasionally a section is simply not dictated
         header = choose_header(section, sex, rng)
-        chunks.append((header, section_text(section, labels, fp, sex, rng)))
+        chunks.append((header, section_text(section, labels, fp, sex, rng, sizes)))
         if section == "pelvic" and rng.uniform() < 0.25:  # a second header for the same section
             chunks.append(("bladder", _pick(rng, ("Unremarkable.", "The bladder is normally distended."))))
     if per_line and rng.uniform() < 0.15:
@@ -219,5 +223,5 @@ def render_report(labels: dict[str, int], fp: dict, sex: str, rng: np.random.Gen
                                  "No acute intra-abdominal or pelvic process.", "Unremarkable CT of the abdomen and pelvis."))
     else:
         order = sorted(positives, key=lambda f: (SECTIONS.index(FINDING_SECTION[f]), f))
-        impression = " ".join(f"{i + 1}. {_fill(PHRASES[f][0][0], f, fp, rng)}" for i, f in enumerate(order))
+        impression = " ".join(f"{i + 1}. {_fill(PHRASES[f][0][0], f, fp, rng, sizes)}" for i, f in enumerate(order))
     return findings, impression
