@@ -6,6 +6,11 @@ are NDHWC with (D,H,W) = (z,x,y); a one-channel volume is treated as three ident
 Merlin repeats it (no mean/std normalisation). `inflate_from_torch_2d` puts each 2D kernel in the
 centre depth slice of its 3D kernel (other slices zero), so a depth-constant volume reproduces the 2D
 network slice by slice.
+
+`conv` picks how the 3D convolutions are computed (`vljax/models/conv.py`): "native"
+(`lax.conv_general_dilated` in 3D), "depth_taps" (2D convolutions over the depth taps, much faster on
+XLA:CPU) or "auto" (by conv kind and `jax.default_backend()`, resolved when the model is built).
+Parameters are the same `nnx.Conv` kernels [kD,kH,kW,I,O] whichever is chosen.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from vljax.models.conv import CONV_IMPLS, conv_function, conv_kind, resolve_conv
 
 Norm = Literal["batch", "group"]
 
@@ -44,10 +51,12 @@ def feature_dim(depth: int, width: int = 64) -> int:
 
 
 def _conv(in_ch: int, out_ch: int, kernel: tuple[int, int, int], stride: int | tuple[int, ...],
-          padding: tuple[int, int, int], *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+          padding: tuple[int, int, int], *, conv: str, dtype, rngs: nnx.Rngs) -> nnx.Conv:
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+    impl = resolve_conv(conv, conv_kind(kernel, stride), jax.default_backend())
     return nnx.Conv(in_ch, out_ch, kernel, stride, padding=[(p, p) for p in padding], use_bias=False,
-                    dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs)
+                    dtype=dtype, param_dtype=jnp.float32, kernel_init=_conv_init,
+                    conv_general_dilated=conv_function(impl), rngs=rngs)
 
 
 def _norm(channels: int, norm: Norm, num_groups: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -73,13 +82,14 @@ class BasicBlock(nnx.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, *, norm: Norm, num_groups: int, dtype,
-                 rngs: nnx.Rngs):
+                 conv: str = "auto", rngs: nnx.Rngs):
         nk = dict(norm=norm, num_groups=num_groups, dtype=dtype, rngs=rngs)
-        self.conv1 = _conv(in_ch, planes, (3, 3, 3), stride, (1, 1, 1), dtype=dtype, rngs=rngs)
+        ck = dict(conv=conv, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(in_ch, planes, (3, 3, 3), stride, (1, 1, 1), **ck)
         self.norm1 = _norm(planes, **nk)
-        self.conv2 = _conv(planes, planes, (3, 3, 3), 1, (1, 1, 1), dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(planes, planes, (3, 3, 3), 1, (1, 1, 1), **ck)
         self.norm2 = _norm(planes, **nk)
-        self.downsample = _Downsample(in_ch, planes, stride, **nk) if (
+        self.downsample = _Downsample(in_ch, planes, stride, conv=conv, **nk) if (
             stride != 1 or in_ch != planes) else None
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -95,16 +105,17 @@ class Bottleneck(nnx.Module):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, *, norm: Norm, num_groups: int, dtype,
-                 rngs: nnx.Rngs):
+                 conv: str = "auto", rngs: nnx.Rngs):
         nk = dict(norm=norm, num_groups=num_groups, dtype=dtype, rngs=rngs)
+        ck = dict(conv=conv, dtype=dtype, rngs=rngs)
         out_ch = planes * self.expansion
-        self.conv1 = _conv(in_ch, planes, (1, 1, 1), 1, (0, 0, 0), dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(in_ch, planes, (1, 1, 1), 1, (0, 0, 0), **ck)
         self.norm1 = _norm(planes, **nk)
-        self.conv2 = _conv(planes, planes, (3, 3, 3), stride, (1, 1, 1), dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(planes, planes, (3, 3, 3), stride, (1, 1, 1), **ck)
         self.norm2 = _norm(planes, **nk)
-        self.conv3 = _conv(planes, out_ch, (1, 1, 1), 1, (0, 0, 0), dtype=dtype, rngs=rngs)
+        self.conv3 = _conv(planes, out_ch, (1, 1, 1), 1, (0, 0, 0), **ck)
         self.norm3 = _norm(out_ch, **nk)
-        self.downsample = _Downsample(in_ch, out_ch, stride, **nk) if (
+        self.downsample = _Downsample(in_ch, out_ch, stride, conv=conv, **nk) if (
             stride != 1 or in_ch != out_ch) else None
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -119,8 +130,8 @@ class _Downsample(nnx.Module):
     """Shortcut projection: 1×1×1 conv with stride (s,s,s), then norm (torchvision `downsample.{0,1}`)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, *, norm: Norm, num_groups: int, dtype,
-                 rngs: nnx.Rngs):
-        self.conv = _conv(in_ch, out_ch, (1, 1, 1), stride, (0, 0, 0), dtype=dtype, rngs=rngs)
+                 conv: str = "auto", rngs: nnx.Rngs):
+        self.conv = _conv(in_ch, out_ch, (1, 1, 1), stride, (0, 0, 0), conv=conv, dtype=dtype, rngs=rngs)
         self.norm = _norm(out_ch, norm, num_groups, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -138,19 +149,22 @@ class ResNet3D(nnx.Module):
     """Inflated 3D ResNet: volume [B,D,H,W,C∈{1,3}] → pooled features [B, 8·width·expansion] (fp32).
 
     `norm="batch"` (eps 1e-5, momentum 0.9) or `"group"`; `remat=True` rematerialises every residual
-    block in the backward pass; `dtype` is the compute dtype (e.g. bf16), parameters stay fp32.
+    block in the backward pass; `dtype` is the compute dtype (e.g. bf16), parameters stay fp32;
+    `conv` is "auto", "native" or "depth_taps" (module docstring).
     """
 
     def __init__(self, depth: int = 50, *, width: int = 64, norm: Norm = "batch", num_groups: int = 32,
-                 remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+                 remat: bool = False, dtype=jnp.float32, conv: str = "auto", rngs: nnx.Rngs):
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"conv must be one of {list(CONV_IMPLS)}, got {conv!r}")
         kind, blocks = RESNET_LAYOUTS[depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         self.depth, self.width, self.norm, self.remat, self.dtype = depth, width, norm, remat, dtype
-        self.block_kind = kind
+        self.block_kind, self.conv = kind, conv
         self.num_features = feature_dim(depth, width)
-        self.conv1 = _conv(3, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(3, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), conv=conv, dtype=dtype, rngs=rngs)
         self.norm1 = _norm(width, norm, num_groups, dtype=dtype, rngs=rngs)
         in_ch = width
         for stage, n in enumerate(blocks):
@@ -159,7 +173,7 @@ class ResNet3D(nnx.Module):
             for i in range(n):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 layer.append(block_cls(in_ch, planes, stride, norm=norm, num_groups=num_groups,
-                                       dtype=dtype, rngs=rngs))
+                                       dtype=dtype, conv=conv, rngs=rngs))
                 in_ch = planes * block_cls.expansion
             setattr(self, f"layer{stage + 1}", nnx.List(layer))
 
@@ -171,9 +185,9 @@ class ResNet3D(nnx.Module):
         if x.shape[-1] == 3:
             return self.conv1(x)
         # Three identical input channels: summing the kernel over its input axis gives the same
-        # result (and gradient) at a third of the stem's cost.
+        # result (and gradient) at a third of the stem's cost. Same implementation as conv1's.
         kernel = jnp.sum(self.conv1.kernel[...], axis=3, keepdims=True).astype(self.dtype)
-        return jax.lax.conv_general_dilated(
+        return self.conv1.conv_general_dilated(
             x.astype(self.dtype), kernel, window_strides=(1, 2, 2), padding=[(1, 1), (3, 3), (3, 3)],
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vljax.models import bert as bert_lib
+from vljax.models.conv import CONV_IMPLS
 from vljax.models.resnet3d import ResNet3D
 
 Array = jax.Array
@@ -156,6 +157,7 @@ class ModelSpec:
     image_num_groups: int = 32
     image_remat: bool = False
     image_feature_norm: bool = False
+    image_conv: str = "auto"                # "auto" | "native" | "depth_taps" (vljax/models/conv.py)
     text_init: str = "pretrained"          # "pretrained" (HF folder) or "scratch"
     text_path: str | None = None            # HF BERT folder; None = the MiniLM checkpoint shipped by pip
     text_size: str = "small"                # scratch preset: tiny | mini | small | base
@@ -177,12 +179,15 @@ class ModelSpec:
             raise ValueError(f"config.model.text.name={txt.name!r}: the only text tower is 'bert'")
         if txt.init not in ("pretrained", "scratch"):
             raise ValueError(f"config.model.text.init={txt.init!r}: use 'pretrained' or 'scratch'")
+        conv = img.get("conv", "auto")  # absent from configs saved before it existed; same parameters
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"config.model.image.conv={conv!r}: use one of {list(CONV_IMPLS)}")
         if model_cfg.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
         scale_max = model_cfg.logit_scale_max
         return cls(image_depth=img.depth, image_width=img.width, image_norm=img.norm,
                    image_num_groups=img.num_groups, image_remat=img.remat,
-                   image_feature_norm=bool(img.feature_norm), text_init=txt.init,
+                   image_feature_norm=bool(img.feature_norm), image_conv=conv, text_init=txt.init,
                    text_path=txt.path or None, text_size=txt.size, vocab_size=txt.vocab_size,
                    pooling=txt.pooling, text_trainable=bool(txt.trainable), embed_dim=model_cfg.embed_dim,
                    logit_scale_init=float(model_cfg.logit_scale_init),
@@ -204,7 +209,8 @@ def build_model(spec: ModelSpec, rngs: nnx.Rngs) -> TwoTower:
     """Randomly initialised two-tower model (the pretrained text weights come in `load_pretrained`)."""
     dtype = _DTYPES[spec.dtype]
     image = ResNet3D(spec.image_depth, width=spec.image_width, norm=spec.image_norm,
-                     num_groups=spec.image_num_groups, remat=spec.image_remat, dtype=dtype, rngs=rngs)
+                     num_groups=spec.image_num_groups, remat=spec.image_remat, dtype=dtype,
+                     conv=spec.image_conv, rngs=rngs)
     text_cfg = spec.text_config()
     text = bert_lib.BertModel(text_cfg, dtype=dtype, rngs=rngs)
     # EOS pooling takes the last real token, which is [SEP] in BERT tokenisation.
