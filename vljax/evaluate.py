@@ -4,7 +4,9 @@ r"""Zero-shot classification (30 findings) and image→report retrieval of a tra
 
 Reads the run's `config.json` and a checkpoint (the latest by default), evaluates the split and
 writes `WORKDIR/results.json` (test split) or `WORKDIR/results_<split>.json`, with the numbers, the
-config and the code version. The trainer calls the same code at the end of training.
+geometry, the config and the code version, and `WORKDIR/zero_shot_<split>.png` (per-finding F1 and
+AUROC against the baselines); the log gets the macro scores and the best and worst findings. The
+trainer calls the same code at the end of training.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 
 from vljax import train
+from vljax.evals import report
 
 _WORKDIR = train._WORKDIR  # the trainer's --workdir flag (defined once per process)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "split to evaluate")
@@ -63,13 +66,17 @@ def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None =
 
 def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1,
                  data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
-    """Evaluates checkpoint `step` of the run in `workdir`; returns (results, path written)."""
+    """Evaluates checkpoint `step` of the run in `workdir`; returns (results, path written).
+
+    Process 0 also logs the zero-shot summary and writes the split's chart (`evals/report.py`)."""
     run = load_run(workdir, step, data_dir)
     config = run["config"]
     result = train.evaluate_split(config, run["model"], run["params"], run["rest"],
                                   run["manifest"].split(split), run["tokenizer"], run["mesh"])
-    path = (train.write_results(pathlib.Path(workdir), split, run["step"], result, config)
-            if jax.process_index() == 0 else None)
+    path = None
+    if jax.process_index() == 0:
+        path = train.write_results(pathlib.Path(workdir), split, run["step"], result, config)
+        report.write_report(result["zero_shot"], split, workdir, step=run["step"], log=logging.info)
     return result, path
 
 

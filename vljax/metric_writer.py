@@ -140,17 +140,13 @@ class MetricWriter:
 
 
 def format_duration(seconds: float) -> str:
-    """``12s``, ``6m30s``, ``1h02m``, ``2d03h``; ``?`` when unknown (inf/NaN)."""
+    """``0:12``, ``6:30``, ``1:02:05``, ``51:00:59`` (m:ss under an hour, else h:mm:ss); ``?`` when
+    unknown (inf/NaN)."""
     if not math.isfinite(seconds):
         return "?"
     s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    h, m, s = s // 3600, s % 3600 // 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _fmt_value(v: float) -> str:
@@ -178,7 +174,7 @@ class Progress:
 
     def format(self, step: int, metrics: Mapping[str, float],
                rates: Mapping[str, float] | None = None) -> str:
-        """One line: ``step 120/600 (20.0%) loss 2.0123 | 1.23 steps/s 9.8 ex/s | ETA 6m30s``.
+        """One line: ``step 120/600 (20.0%) loss 2.0123 | 1.23 steps/s 9.8 ex/s | ETA 6:30``.
 
         Uses `rates` from a preceding `update(step)` when given, else calls `update` itself."""
         r = rates if rates is not None else self.update(step)
