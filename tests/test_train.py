@@ -7,9 +7,12 @@ the session's 24-study phantom and the 8 fake CPU devices of conftest.py (global
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import pathlib
+import re
 import shutil
 
 from absl import flags
@@ -36,6 +39,7 @@ def tiny_config(data_dir, total_steps: int = 4):
     c.model.text.update(init="scratch", size="tiny", trainable=True, pooling="cls")
     c.model.embed_dim = 16
     c.total_steps = total_steps
+    c.batch_size = 8
     c.optim.warmup_steps = 1
     c.log_every = 1
     c.eval_every = 0
@@ -60,17 +64,35 @@ def _load_state(workdir, config, step):
         mngr.close()
 
 
+@contextlib.contextmanager
+def _absl_messages():
+    """The messages absl logs at INFO and above inside the block, as a list."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def full_run(phantom_dir, tmp_path_factory):
-    """An uninterrupted 4-step run (checkpoints at 2 and 4) with its final results."""
+    """An uninterrupted 4-step run (checkpoints at 2 and 4): workdir, config, final results, log."""
     workdir = tmp_path_factory.mktemp("full_run")
     config = tiny_config(phantom_dir)
-    result = train.train_and_evaluate(config, workdir)
-    return workdir, config, result
+    with _absl_messages() as messages:
+        result = train.train_and_evaluate(config, workdir)
+    return workdir, config, result, messages
 
 
 def test_run_writes_results_checkpoints_and_logs(full_run):
-    workdir, config, result = full_run
+    workdir, config, result, _ = full_run
     results = json.loads((workdir / "results.json").read_text())
     zs = results["zero_shot"]
     assert results["split"] == "test" and results["step"] == 4
@@ -92,6 +114,37 @@ def test_run_writes_results_checkpoints_and_logs(full_run):
     assert [b["step"] for b in batches] == [0, 1, 2, 3]
     assert all(len(b["studies"]) == config.batch_size for b in batches)
     _check_run_stats(workdir, config, batches)
+
+
+def test_run_logs_progress_and_a_zero_shot_summary_and_draws_the_chart(full_run):
+    workdir, config, result, messages = full_run
+    # A progress line every log_every (= 1) steps: step/total, steps/s and an m:ss or h:mm:ss ETA.
+    progress = [m for m in messages if re.match(r"step \d+/4 ", m)]
+    assert [int(re.match(r"step (\d+)/", m).group(1)) for m in progress] == [1, 2, 3, 4]
+    assert all(re.search(r"\| [\d.]+ steps/s [\d.]+ ex/s \| ETA (\d+:)?\d+:\d\d$", m) for m in progress)
+    # The summary: macro F1/AUROC beside the baselines, best and worst findings; metrics only.
+    from vljax.evals import report
+
+    zs = result["zero_shot"]
+    assert report.format_summary(zs, "test") in messages
+    summary = report.format_summary(zs, "test")
+    assert f"macro F1    {zs['macro_f1']:6.3f}" in summary and "macro AUROC" in summary
+    assert f"all-positive {zs['baselines']['all_positive']:.3f}" in summary and "chance 0.500" in summary
+    best, worst = report.best_and_worst(zs)
+    assert best and f"best {len(best)} by F1" in summary and f"worst {len(worst)} by F1" in summary
+    from vljax.data.manifest import load_manifest
+
+    ids = [r.study_id for r in load_manifest(config.data.dir).records]
+    assert not any(i in m for i in ids for m in messages if "zero-shot" in m)
+    chart = workdir / "zero_shot_test.png"
+    data = chart.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert f"zero-shot chart -> {chart}" in messages
+    # The geometry recipe, as config.json and results.json record it.
+    geometry = {"name": "cpu", "backend": "cpu", "spacing_mm": [24.0, 24.0, 40.0], "shape": [16, 16, 8]}
+    assert json.loads((workdir / "results.json").read_text())["geometry"] == geometry
+    saved = json.loads((workdir / "config.json").read_text())["data"]
+    assert (saved["geometry"], saved["geometry_backend"]) == ("cpu", "cpu")
 
 
 def _check_run_stats(workdir, config, batches):
@@ -126,13 +179,14 @@ def _check_run_stats(workdir, config, batches):
 def test_evaluate_cli_reproduces_the_final_results(full_run):
     from vljax import evaluate
 
-    workdir, _, _ = full_run
+    workdir, _, _, _ = full_run
     saved = json.loads((workdir / "results.json").read_text())
     result, path = evaluate.evaluate_run(workdir, "test", -1)
     assert path == workdir / "results.json"
     assert result["zero_shot"] == saved["zero_shot"] and result["retrieval"] == saved["retrieval"]
     _, path_val = evaluate.evaluate_run(workdir, "val", 2)
     assert path_val.name == "results_val.json" and json.loads(path_val.read_text())["step"] == 2
+    assert (workdir / "zero_shot_val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
         evaluate.evaluate_run(workdir, "test", 3)
 
@@ -140,7 +194,7 @@ def test_evaluate_cli_reproduces_the_final_results(full_run):
 def test_diagnose_reproduces_zero_shot_and_measures_each_side(full_run):
     from vljax import diagnose
 
-    workdir, config, _ = full_run
+    workdir, config, _, _ = full_run
     saved = json.loads((workdir / "results.json").read_text())["zero_shot"]
     d = diagnose.diagnose_run(workdir, "test", probe_train=0, supervised=True, supervised_steps=3)
     json.dumps(d, allow_nan=False)
@@ -160,7 +214,7 @@ def test_diagnose_reproduces_zero_shot_and_measures_each_side(full_run):
 
 
 def test_one_step_changes_parameters_and_keeps_batch_stats_finite(full_run):
-    workdir, config, _ = full_run
+    workdir, config, _, _ = full_run
     s2, s4 = _load_state(workdir, config, 2), _load_state(workdir, config, 4)
     assert int(s2["step"]) == 2 and int(s4["step"]) == 4 and int(s4["bad_step"]) == -1
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s2["params"]),
@@ -172,7 +226,7 @@ def test_one_step_changes_parameters_and_keeps_batch_stats_finite(full_run):
 
 
 def test_stop_and_resume_equals_uninterrupted_run(full_run, phantom_dir, tmp_path):
-    workdir, config, _ = full_run
+    workdir, config, _, _ = full_run
     resumed = tmp_path / "resumed"
     assert train.train_and_evaluate(tiny_config(phantom_dir), resumed, stop_at_step=2) is None
     assert not (resumed / "results.json").exists()
@@ -188,13 +242,29 @@ def test_stop_and_resume_equals_uninterrupted_run(full_run, phantom_dir, tmp_pat
 
 
 def test_resume_with_a_different_recipe_is_refused(full_run, phantom_dir, tmp_path):
-    workdir, _, _ = full_run
+    workdir, _, _, _ = full_run
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
     changed = tiny_config(phantom_dir)
     changed.optim.lr = 1e-2
     with pytest.raises(ValueError, match=r"different config \(fields optim.lr\)"):
         train.train_and_evaluate(changed, copy)
+
+
+def test_resume_with_a_different_geometry_is_refused(full_run, phantom_dir):
+    workdir, _, _, _ = full_run
+    saved = json.loads((workdir / "config.json").read_text())
+    elsewhere = tiny_config(phantom_dir)
+    elsewhere.data.geometry_backend = None  # same recipe, given as geometry=cpu or resolved elsewhere
+    train.check_resumable(saved, elsewhere)
+    grown = tiny_config(phantom_dir)
+    grown.data.update(geometry="accelerator", spacing=(6.0, 6.0, 8.0), shape=(72, 72, 48))
+    with pytest.raises(ValueError, match=r"fields data\.geometry, data\.shape, data\.spacing\)"):
+        train.check_resumable(saved, grown)
+    finer = tiny_config(phantom_dir)
+    finer.data.spacing = (12.0, 12.0, 20.0)
+    with pytest.raises(ValueError, match=r"fields data\.spacing\)"):
+        train.check_resumable(saved, finer)
 
 
 def test_checkpoint_round_trip_is_exact(phantom_dir, tmp_path):
@@ -233,8 +303,6 @@ def test_nan_loss_stops_the_run_and_names_the_step(phantom_dir, tmp_path):
     config.optim.grad_clip = 0.0
     with pytest.raises(train.NonFiniteLossError, match=r"NaN/inf at step \d+") as err:
         train.train_and_evaluate(config, tmp_path)
-    import re
-
     bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     assert 1 <= bad < 4 and "config.optim.lr" in str(err.value)
     # Checkpoints hold only states from before the bad step, never a NaN state.
@@ -307,6 +375,50 @@ def test_config_argument_parsing():
         merlin.get_config("sampling=stratified")
 
 
+def test_phantom_geometry_follows_the_backend_unless_given(monkeypatch):
+    assert merlin.resolve_geometry("auto", "cpu") == "cpu"
+    assert merlin.resolve_geometry("auto", "gpu") == merlin.resolve_geometry("auto", "tpu") == "accelerator"
+    assert merlin.resolve_geometry("cpu", "gpu") == "cpu" and merlin.resolve_geometry("accelerator", "cpu") == "accelerator"
+    with pytest.raises(ValueError, match="geometry='gpu'"):
+        merlin.resolve_geometry("gpu", "gpu")
+
+    cpu = merlin.get_config("phantom")  # the tests' backend is CPU (conftest.py)
+    assert (cpu.data.geometry, cpu.data.geometry_backend) == ("cpu", "cpu")
+    explicit_cpu = merlin.get_config("phantom,geometry=cpu").to_dict()
+    assert explicit_cpu["data"]["geometry_backend"] is None
+    cpu_dict = cpu.to_dict()
+    cpu_dict["data"]["geometry_backend"] = None
+    assert cpu_dict == explicit_cpu  # auto on CPU is exactly the CPU recipe of _phantom
+
+    def accelerator_values(c):
+        assert tuple(c.data.spacing) == (6.0, 6.0, 8.0) and tuple(c.data.shape) == (72, 72, 48)
+        assert c.total_steps == 6000 and c.model.image.width == 32 and c.eval_batch_size == 32
+        assert c.data.phantom and c.model.image.depth == cpu.model.image.depth and c.batch_size == cpu.batch_size
+
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        acc = merlin.get_config("phantom")
+        assert (acc.data.geometry, acc.data.geometry_backend) == ("accelerator", backend)
+        accelerator_values(acc)
+        assert train._config_json(acc)["data"]["geometry"] == "accelerator"  # what config.json holds
+        assert merlin.get_config("phantom,geometry=cpu").to_dict() == explicit_cpu
+    assert merlin.get_config("phantom,geometry=accelerator,steps=10").total_steps == 10
+
+    def no_backend():
+        raise AssertionError("an explicit geometry must not query (and so initialise) the backend")
+
+    monkeypatch.setattr(jax, "default_backend", no_backend)
+    explicit = merlin.get_config("phantom,geometry=accelerator")
+    assert (explicit.data.geometry, explicit.data.geometry_backend) == ("accelerator", None)
+    accelerator_values(explicit)
+    full = merlin.get_config()  # the real-data recipe: Merlin's geometry, no backend query
+    assert (full.data.geometry, full.data.geometry_backend) == ("merlin", None)
+    with pytest.raises(ValueError, match="phantom default only"):
+        merlin.get_config("geometry=accelerator")
+    with pytest.raises(ValueError, match=r"geometry='gpu'; choose one of \['auto', 'cpu', 'accelerator'\]"):
+        merlin.get_config("phantom,geometry=gpu")
+
+
 def _parse_flags(*argv):
     fv = flags.FlagValues()
     # config_flags registers the `--config.*` override flags from sys_argv at definition time.
@@ -326,6 +438,9 @@ def test_config_flag_overrides_and_unknown_keys():
         _parse_flags(f"--config={CONFIG_PATH}", "--config.optim.lr=fast")
     with pytest.raises(Exception, match="phantm"):
         _parse_flags(f"--config={CONFIG_PATH}:phantm")
+    assert _parse_flags(f"--config={CONFIG_PATH}:phantom,geometry=accelerator").data.geometry == "accelerator"
+    with pytest.raises(Exception, match="geometry='fast'"):
+        _parse_flags(f"--config={CONFIG_PATH}:phantom,geometry=fast")
     with pytest.raises(AttributeError):  # configs are locked: no new fields by mistake
         c.optim.new_field = 1
 
@@ -387,3 +502,28 @@ def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phanto
     real = table.attention_mask > 0
     np.testing.assert_allclose(cached[real].astype(np.float32), want[real], rtol=2e-3, atol=2e-3)
     assert not cached[~real].any()
+
+
+def test_text_cache_runs_the_tower_once_per_distinct_text_and_matches_a_full_run(monkeypatch):
+    from vljax.data import pipeline
+
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(1, 50, size=(5, 12)).astype(np.int32)
+    lengths = np.array([12, 3, 7, 1, 9])
+    rows = np.array([2, 0, 2, 4, 1, 0, 3, 2, 4])  # copies of the same text, out of order
+    mask = (np.arange(12)[None] < lengths[rows][:, None]).astype(np.int32)
+    table = pipeline.TextTable(distinct[rows] * mask, mask)
+    emb = rng.standard_normal((50, 6)).astype(np.float32)
+
+    def text_fn(i, m):  # token states that depend on the whole row (a prefix sum over positions)
+        return jnp.cumsum(jnp.asarray(emb)[i] * m[..., None], axis=1)
+
+    full, offsets = train.run_text_tower(table, text_fn, out_dtype=np.float16, ragged=True)
+    sizes = []
+    real = train.run_text_tower
+    monkeypatch.setattr(train, "run_text_tower", lambda t, *a, **k: (sizes.append(len(t)), real(t, *a, **k))[1])
+    cached = train.cache_text_features(table, text_fn)
+    assert sizes == [5]  # the tower ran on the 5 distinct texts only
+    np.testing.assert_array_equal(cached.offsets, offsets)
+    np.testing.assert_array_equal(cached.features, full)  # and every row got its own text's states
+    np.testing.assert_array_equal(cached.hidden(np.array([1]))[0], cached.hidden(np.array([5]))[0])

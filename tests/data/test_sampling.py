@@ -296,7 +296,7 @@ def test_host_slices_are_disjoint_and_complete(processes):
         pipeline.host_slice(8, 0, 3)
 
 
-def _source(phantom_dir, strategy="alternating", process_index=0, process_count=1, **kw):
+def _source(phantom_dir, strategy="alternating", process_index=0, process_count=1, cache_volumes=False, **kw):
     from vljax.data.reports import load_tokenizer
 
     records = load_manifest(phantom_dir).split("train")
@@ -305,8 +305,27 @@ def _source(phantom_dir, strategy="alternating", process_index=0, process_count=
     sampler = sampling.make_sampler(units, 4, 0, strategy=strategy, **kw)
     unit_texts = pipeline.tokenize_units(load_tokenizer(), texts, (0,) + sampler.schedule.sections, 48)
     cfg = ct_lib.CTPreprocessConfig(spacing=(30.0, 30.0, 40.0), shape=(8, 8, 6))
+    volumes = pipeline.preload_volumes(records, cfg, workers=2) if cache_volumes else None
     return pipeline.TrainBatches(records, unit_texts, sampler, 12, cfg, process_index=process_index,
-                                 process_count=process_count), texts
+                                 process_count=process_count, volumes=volumes), texts
+
+
+def test_cached_volumes_give_the_same_batches_as_loading_each_batch(phantom_dir):
+    loaded, _ = _source(phantom_dir)
+    cached, _ = _source(phantom_dir, cache_volumes=True)
+    assert cached.loader.volumes.shape == (len(cached.loader.records), 6, 8, 8)
+    for step in range(5):
+        a, b = loaded[step], cached[step]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_volume_cache_refuses_what_does_not_fit(phantom_dir):
+    records = load_manifest(phantom_dir).split("train")
+    cfg = ct_lib.CTPreprocessConfig(spacing=(30.0, 30.0, 40.0), shape=(8, 8, 6))
+    with pytest.raises(ValueError, match="cache_volumes=False"):
+        pipeline.preload_volumes(records, cfg, max_bytes=1000)
 
 
 @pytest.mark.parametrize("processes", [2, 4])
