@@ -278,7 +278,7 @@ def test_what_is_drawn_is_written_in_its_section_and_vice_versa(profile):
         findings_text, _ = ph.report_for(spec)
         assert drawn == set(spec.positives) == _mentioned_positive(findings_text, spec.study_id), spec.study_id
         anat, fp = ph._geometry(spec)
-        sizes = anatomy.drawn_sizes_cm(anat, fp)
+        sizes = signs.drawn_sizes_cm(anat, fp)
         checked.update(spec.positives)
         for f in set(spec.positives) & {"renal cyst", "prostatomegaly", "abdominal aortic aneurysm", "lymphadenopathy"}:
             lo, hi = table[f].size_mm  # diameters: the drawn size is within the table's range

@@ -247,15 +247,15 @@ def nifti_image(data: np.ndarray, affine: np.ndarray, slice_thickness: float) ->
 def _geometry(spec: StudySpec) -> tuple[dict, dict]:
     """The study's anatomy and every finding's drawn geometry (sizes, HU, counts from its signs)."""
     anat = anatomy.sample_anatomy(_rng(spec.seed, spec.index, 1), spec.sex)
-    fparams = anatomy.sample_finding_params(_rng(spec.seed, spec.index, 2), anat,
-                                            phantom_signs.signs_for(spec.signs))
+    fparams = phantom_signs.sample_finding_params(_rng(spec.seed, spec.index, 2), anat,
+                                                  phantom_signs.signs_for(spec.signs))
     return anat, fparams
 
 
 def report_for(spec: StudySpec) -> tuple[str, str]:
     anat, fparams = _geometry(spec)
     return text.render_report(spec.labels, fparams, spec.sex, _rng(spec.seed, spec.index, 4),
-                              anatomy.drawn_sizes_cm(anat, fparams))
+                              phantom_signs.drawn_sizes_cm(anat, fparams))
 
 
 def phenotypes_for(spec: StudySpec) -> list[int]:

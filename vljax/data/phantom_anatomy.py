@@ -5,7 +5,8 @@ patient's Right, y towards Anterior, z towards Superior; the liver sits at +x, t
 by approximate signed distances; each is painted with a partial-volume weight
 `clip(0.5 - sdf / voxel, 0, 1)`, so small structures (stones, calcifications) survive coarse voxels
 the way they do on a real scanner. Every one of the 30 findings has a rendering rule here that
-changes the volume where a radiologist would look for it (see `FINDING_RENDERERS`).
+changes the volume where a radiologist would look for it (`render_anatomy`), with the size, HU
+change and count that `phantom_signs` draws for the study.
 
 Rendering happens on a canonical RAS grid; `phantom.py` then stores the array in the study's own
 orientation with the matching affine.
@@ -467,105 +468,3 @@ def render_skeleton(canvas: Canvas, a: dict, pos: dict, fp: dict) -> None:
         canvas.ellipsoid((sx * 95, cy + 15, -150), (16, 39, 34), canc)
         canvas.ellipsoid((sx * 85, cy + 55, -205), (22, 22, 22), cort)
         canvas.ellipsoid((sx * 85, cy + 55, -205), (17, 17, 17), canc)
-
-
-# --------------------------------------------------------------------------------------------
-# Finding parameters (drawn for every study, used only when the finding is positive)
-# --------------------------------------------------------------------------------------------
-def sample_finding_params(rng: np.random.Generator, anatomy: dict, signs: dict) -> dict:
-    """Geometry of every finding, drawn from its own stream so toggling one changes nothing else.
-
-    Sizes, HU changes and counts come from `signs` (a `phantom_signs` profile); positions, sides
-    and directions are drawn here. Every finding's values are drawn whether or not it is positive."""
-    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
-
-    def size(f):  # radius-like half size of one object, mm
-        return u(*signs[f].size_mm) / 2.0
-
-    def full(f):
-        return u(*signs[f].size_mm)
-
-    def hu(f):
-        return u(*signs[f].hu_change)
-
-    def count(f):
-        lo, hi = signs[f].count
-        return int(rng.integers(lo, hi + 1))
-
-    def unit_in_ball(scale=1.0):
-        v = rng.normal(size=3)
-        return tuple(v / (np.linalg.norm(v) + 1e-9) * rng.uniform(0, 1) ** (1 / 3) * scale)
-
-    def sides(f):
-        both = count(f) == 2
-        one = ["right", "left"][int(rng.integers(2))]
-        return ["right", "left"] if both else [one]
-
-    return {
-        "pleural effusion": dict(sides=sides("pleural effusion"), depth=full("pleural effusion"),
-                                 hu=hu("pleural effusion")),
-        "atelectasis": dict(sides=sides("atelectasis"), height=u(14, 30), half=size("atelectasis"),
-                            hu=hu("atelectasis")),
-        "cardiomegaly": dict(growth=full("cardiomegaly")),
-        "coronary calcification": dict(spots=[(u(0.2, 2.8), u(1.3, 2.3), size("coronary calcification"))
-                                              for _ in range(count("coronary calcification"))],
-                                       hu=hu("coronary calcification")),
-        "aortic valve calcification": dict(radius=size("aortic valve calcification"),
-                                           nodules=[u(0, 2 * np.pi) for _ in range(count("aortic valve calcification"))],
-                                           hu=hu("aortic valve calcification")),
-        "hepatomegaly": dict(growth=full("hepatomegaly")),
-        "hepatic steatosis": dict(drop=-hu("hepatic steatosis")),
-        "biliary ductal dilation": dict(branches=[(u(10, 45), u(-25, 25), u(10, 35))
-                                                  for _ in range(count("biliary ductal dilation"))],
-                                        radius=size("biliary ductal dilation"), hu=hu("biliary ductal dilation")),
-        "metastatic disease": dict(lesions=[(unit_in_ball(), size("metastatic disease"))
-                                            for _ in range(count("metastatic disease"))],
-                                   hu=hu("metastatic disease")),
-        "gallstones": dict(stones=[((u(-0.4, 0.4), u(-0.5, -0.1), u(-0.7, -0.2)), size("gallstones"))
-                                   for _ in range(count("gallstones"))], hu=hu("gallstones")),
-        "surgically absent gallbladder": dict(clips=[(u(-10, 10), u(-8, 8), u(-15, 15))
-                                                     for _ in range(count("surgically absent gallbladder"))],
-                                              radius=size("surgically absent gallbladder"),
-                                              hu=hu("surgically absent gallbladder")),
-        "splenomegaly": dict(growth=full("splenomegaly")),
-        "pancreatic atrophy": dict(radius=size("pancreatic atrophy"), hu=hu("pancreatic atrophy")),
-        "renal cyst": dict(side=["right", "left"][int(rng.integers(2))], both=count("renal cyst") == 2,
-                           pos=tuple(np.array([u(-1, 1), u(-1, 1), u(-1, 1)]) / 1.9 + np.array([0.5, 0, 0])),
-                           radius=size("renal cyst"), hu=hu("renal cyst")),
-        "renal hypodensities": dict(lesions={s: [(unit_in_ball(), size("renal hypodensities"))
-                                                 for _ in range(count("renal hypodensities"))]
-                                             for s in ("right", "left")}, hu=hu("renal hypodensities")),
-        "hydronephrosis": dict(sides=sides("hydronephrosis"), radius=size("hydronephrosis"),
-                               hu=hu("hydronephrosis")),
-        "bowel obstruction": dict(radius=size("bowel obstruction")),
-        "appendicitis": dict(dir=tuple(np.array([u(-0.5, 0.1), u(-0.2, 0.4), -1.0]) / np.linalg.norm([0.3, 0.2, 1.0])),
-                             radius=size("appendicitis"), hu=hu("appendicitis")),
-        "submucosal edema": dict(wall=full("submucosal edema"), hu=hu("submucosal edema")),
-        "hiatal hernia": dict(size=size("hiatal hernia")),
-        "ascites": dict(hu=hu("ascites")),
-        "abdominal aortic aneurysm": dict(radius=size("abdominal aortic aneurysm"), hu=hu("abdominal aortic aneurysm")),
-        "thrombosis": dict(vessel=["portal vein", "inferior vena cava", "left common iliac vein"][int(rng.integers(3))],
-                           radius=size("thrombosis"), hu=hu("thrombosis")),
-        "atherosclerosis": dict(plaques=[(u(0, 2 * np.pi), u(0, 1), size("atherosclerosis"))
-                                         for _ in range(count("atherosclerosis"))], hu=hu("atherosclerosis")),
-        "lymphadenopathy": dict(nodes=[((u(-50, 30), u(-50, 30), u(-120, 0)), size("lymphadenopathy"))
-                                       for _ in range(count("lymphadenopathy"))], hu=hu("lymphadenopathy")),
-        "prostatomegaly": dict(radius=size("prostatomegaly"), hu=hu("prostatomegaly")),
-        "free air": dict(pockets=[(u(-60, 60), u(-60, 50), size("free air")) for _ in range(count("free air"))]),
-        "fracture": dict(levels=[u(anatomy["zd"] - 150, anatomy["zd"] - 20) for _ in range(count("fracture"))],
-                         half=size("fracture"), hu=hu("fracture")),
-        "anasarca": dict(phase=u(0, 2 * np.pi), thickness=full("anasarca"), hu=hu("anasarca")),
-        "osteopenia": dict(hu=hu("osteopenia")),
-    }
-
-
-def drawn_sizes_cm(anatomy: dict, fp: dict) -> dict[str, float]:
-    """The size a report quotes for each finding that has one, measured from what is drawn (cm)."""
-    liver_cc = 2 * anatomy["liver"]["r"][2] + fp["hepatomegaly"]["growth"]
-    spleen_cc = 2 * anatomy["spleen"]["r"][2] + fp["splenomegaly"]["growth"]
-    return {
-        "hepatomegaly": liver_cc / 10, "splenomegaly": spleen_cc / 10,
-        "renal cyst": 2 * fp["renal cyst"]["radius"] / 10, "prostatomegaly": 2 * fp["prostatomegaly"]["radius"] / 10,
-        "abdominal aortic aneurysm": 2 * fp["abdominal aortic aneurysm"]["radius"] / 10,
-        "lymphadenopathy": 2 * max(r for _, r in fp["lymphadenopathy"]["nodes"]) / 10,
-    }
