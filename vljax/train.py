@@ -135,7 +135,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Ma
         if jax.process_index() == 0:
             generate_phantom(data_dir, PhantomConfig(num_studies=config.data.phantom_studies,
                                                      seed=config.data.phantom_seed,
-                                                     signs=config.data.phantom_signs,
+                                                     signs=config.data.get("phantom_signs", "designed"),
                                                      workers=max(1, min(4, os.cpu_count() or 1))),
                              log=logging.info)
     if not data_dir:
@@ -256,7 +256,7 @@ def train_source(config, manifest: Manifest, tokenizer, text_fn: Callable | None
     if text_fn is not None:
         unit_texts = dataclasses.replace(unit_texts, table=cache_text_features(unit_texts.table, text_fn))
     volumes = None
-    if config.data.cache_volumes:  # small inputs: decode and resample every training volume once
+    if config.data.get("cache_volumes", False):  # small inputs: decode and resample every training volume once
         t0 = time.perf_counter()
         volumes = pipeline.preload_volumes(records, ct_config(config), workers=max(1, os.cpu_count() or 1))
         logging.info("cached %d preprocessed training volumes (%.1f MiB) in %.1f s", len(volumes),
