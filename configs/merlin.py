@@ -152,6 +152,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.final_eval_split = "test"  # split of the final zero-shot evaluation written to results.json
     c.eval_batch_size = 8
+    # Zero-shot prompt set (vljax/evals/zero_shot.py PROMPT_SETS): "merlin" (report sentences written
+    # for real CT reports), "phantom" (the phantom report writer's phrase lists) or "merlin+phantom".
+    c.zero_shot_prompts = "merlin"
 
     requested = args.get("geometry", "auto")
     if args.get("phantom"):
@@ -183,7 +186,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _phantom(c: ml_collections.ConfigDict) -> None:
     """The embedded default: small towers, coarse volumes, steps sized for 2 CPU cores."""
     c.data.phantom = True
-    c.data.phantom_studies = 1000
+    # 6,000 studies (3,634 training): with 1,000 the towers memorise the 618 training studies (training
+    # InfoNCE 1.3 against 4.6 on val) instead of learning the findings (BUILD_NOTES.md, "Phantom
+    # default, session 6"). Generating them takes ~1.5 minutes on 2 cores.
+    c.data.phantom_studies = 6000
     # 18x18x24 mm voxels, 432x432x384 mm field of view: XLA:CPU 3D convolutions are slow even as
     # 2D convolutions over the depth taps; the phantom's designed findings (vljax/data/phantom_signs.py)
     # are sized to be visible at this geometry.
@@ -201,25 +207,31 @@ def _phantom(c: ml_collections.ConfigDict) -> None:
     c.data.workers = 0
     c.model.image.update(depth=18, width=16, norm="batch", remat=False, feature_norm=True)
     c.model.phenotype_weight = 1.0              # Merlin's multi-task phenotype head (16 phantom codes)
-    # Locked pretrained MiniLM text tower (its token states are computed once and cached), mean-pooled
-    # as the sentence-transformers checkpoint was trained, with a trainable projection: on 2 CPU cores
-    # a trainable text tower costs more per step than the image tower, and an attention-pooling head
-    # over 352 cached tokens costs about as much as the image tower (BUILD_NOTES.md, "Phantom default").
-    c.model.text.update(init="pretrained", pooling="mean", trainable=False)
+    # Locked pretrained MiniLM text tower with a trainable projection. Every sentence is embedded on
+    # its own and mean-pooled, as the sentence-transformers checkpoint was trained, and a text is the
+    # mean of its sentences: the phantom's reports are made of a few thousand distinct sentences, so
+    # the text features of all training texts take seconds (the token-level cache took ~3 minutes
+    # per 1,000 studies). On 2 CPU cores a trainable text tower costs more per step than the image
+    # tower (BUILD_NOTES.md, "Phantom default").
+    c.model.text.update(init="pretrained", pooling="sentence_mean", trainable=False)
     c.model.logit_scale_init = math.log(1 / 0.07)
     c.model.logit_scale_max = math.log(100.0)
     c.model.dtype = "float32"
-    # With cached volumes, mean pooling and depth-tap convolutions a step of 32 runs in ~0.1 s on 2
-    # cores: 4,000 steps of 32 (about 200 passes over the 618 training studies) in ~8 minutes.
-    c.total_steps = 4000
+    # With cached volumes, pooled text features and depth-tap convolutions a step of 32 runs in ~0.1 s
+    # on 2 cores: 6,000 steps of 32 (about 53 passes over the 3,634 training studies) in ~10.5 minutes.
+    c.total_steps = 6000
     c.batch_size = 32
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 200
     c.log_every = 200
-    c.eval_every = 2000
+    c.eval_every = 3000
     c.eval_max_studies = 96
     c.ckpt_every = 1000
     c.eval_batch_size = 32
+    # Zero-shot prompts: Merlin-style report sentences and the phantom report writer's own phrase
+    # lists, one ensemble per finding (val macro AUROC 0.733 against 0.708 with the first alone and
+    # 0.599 with the second alone, on one checkpoint: BUILD_NOTES.md, "Phantom default, session 6").
+    c.zero_shot_prompts = "merlin+phantom"
 
 
 def _accelerator_phantom(c: ml_collections.ConfigDict) -> None:
@@ -231,7 +243,7 @@ def _accelerator_phantom(c: ml_collections.ConfigDict) -> None:
     c.data.shape = (72, 72, 48)                 # 432 x 432 x 384 mm
     c.data.workers = 4                          # accelerator hosts have the cores to feed it
     c.model.image.width = 32
-    c.total_steps = 6000
+    c.total_steps = 12000
     c.optim.warmup_steps = 300
     c.log_every = 100
     c.eval_every = 2000

@@ -31,6 +31,11 @@ CONFIG_PATH = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "mer
 def tiny_config(data_dir, total_steps: int = 4):
     c = merlin.get_config("phantom")
     c.data.dir = str(data_dir)
+    # The fixture's own phantom identity: with the recipe's (6,000 studies, seed 0) the trainer would
+    # regenerate the fixture folder at that size.
+    phantom = json.loads((pathlib.Path(data_dir) / "phantom_info.json").read_text())["config"]
+    c.data.update(phantom_studies=phantom["num_studies"], phantom_seed=phantom["seed"],
+                  phantom_signs=phantom["signs"])
     c.data.shape = (16, 16, 8)
     c.data.spacing = (24.0, 24.0, 40.0)
     c.data.workers = 0
@@ -103,6 +108,9 @@ def test_run_writes_results_checkpoints_and_logs(full_run):
         assert set(stats) >= {"f1", "auroc", "n_pos", "n_neg"}
     assert results["config"]["model"]["image"]["width"] == 4
     assert "vljax" in results["code_version"]
+    # The run reused the 24-study fixture (8 test studies), it did not generate a phantom of its own.
+    assert zs["per_finding"]["hepatic steatosis"]["n_pos"] + zs["per_finding"]["hepatic steatosis"]["n_neg"] <= 24
+    assert json.loads((pathlib.Path(config.data.dir) / "phantom_info.json").read_text())["num_studies"] == 24
     assert result["zero_shot"]["macro_f1"] == zs["macro_f1"]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     lines = [json.loads(x) for x in (workdir / "tb" / "metrics.jsonl").read_text().splitlines()]
@@ -189,6 +197,23 @@ def test_evaluate_cli_reproduces_the_final_results(full_run):
     assert (workdir / "zero_shot_val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
         evaluate.evaluate_run(workdir, "test", 3)
+
+
+def test_evaluation_with_volumes_preprocessed_in_parallel_is_identical(full_run, monkeypatch):
+    from vljax import evaluate
+
+    workdir, _, _, _ = full_run
+    run = evaluate.load_run(workdir)
+    records = run["manifest"].split("test")
+    args = (run["config"], run["model"], run["params"], run["rest"], records, run["tokenizer"], run["mesh"])
+    want = train.evaluate_split(*args)
+    calls = []
+    real = train.pipeline.preload_volumes
+    monkeypatch.setattr(train.pipeline, "preload_volumes", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k))[1])
+    monkeypatch.setattr(train, "EVAL_PRELOAD_MIN_STUDIES", 1)
+    got = train.evaluate_split(*args)
+    assert calls == [len(records)]
+    assert got == want
 
 
 def test_diagnose_reproduces_zero_shot_and_measures_each_side(full_run):
@@ -392,7 +417,8 @@ def test_phantom_geometry_follows_the_backend_unless_given(monkeypatch):
 
     def accelerator_values(c):
         assert tuple(c.data.spacing) == (6.0, 6.0, 8.0) and tuple(c.data.shape) == (72, 72, 48)
-        assert c.total_steps == 6000 and c.model.image.width == 32 and c.eval_batch_size == 32
+        assert c.total_steps == 12000 and c.model.image.width == 32 and c.eval_batch_size == 32
+        assert c.total_steps > cpu.total_steps and c.model.image.width > cpu.model.image.width
         assert c.data.phantom and c.model.image.depth == cpu.model.image.depth and c.batch_size == cpu.batch_size
 
     for backend in ("gpu", "tpu"):
@@ -479,17 +505,23 @@ def test_bucketed_text_tower_equals_full_length_padding():
 
 
 @pytest.mark.slow
-def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phantom_dir, tmp_path):
+@pytest.mark.parametrize("pooling", ["map", "sentence_mean"])
+def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phantom_dir, tmp_path, pooling):
     config = tiny_config(phantom_dir, total_steps=2)
-    config.model.text.update(init="pretrained", pooling="map", trainable=False)
+    config.model.text.update(init="pretrained", pooling=pooling, trainable=False)
     config.ckpt_every = 1
     train.train_and_evaluate(config, tmp_path)
     s1, s2 = _load_state(tmp_path, config, 1), _load_state(tmp_path, config, 2)
     for x, y in zip(jax.tree.leaves(s1["params"]["text_tower"]), jax.tree.leaves(s2["params"]["text_tower"])):
         np.testing.assert_array_equal(x, y)            # AdamW neither updates nor decays it
-    for name in ("text_pool", "text_proj", "image_proj"):  # the trainable parts do learn
+    trainable = ("text_pool", "text_proj", "image_proj") if pooling == "map" else ("text_proj", "image_proj")
+    for name in trainable:  # the trainable parts do learn
         assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(s1["params"][name]),
                                                             jax.tree.leaves(s2["params"][name]))), name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["zero_shot"]["macro_f1"] is not None
+    if pooling == "sentence_mean":
+        return  # its features: test_sentence_features_are_the_mean_of_each_sentence_embedded_alone_...
     # The cached token states equal the pretrained tower's output (float16 storage).
     from vljax.data.manifest import load_manifest
     from vljax.models.bert import load_hf_bert
@@ -502,6 +534,59 @@ def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phanto
     real = table.attention_mask > 0
     np.testing.assert_allclose(cached[real].astype(np.float32), want[real], rtol=2e-3, atol=2e-3)
     assert not cached[~real].any()
+
+
+def test_sentence_features_are_the_mean_of_each_sentence_embedded_alone_by_transformers(monkeypatch):
+    """`sentence_features` (our Flax MiniLM, mean-pooled, one tower call per distinct sentence)
+    against the PyTorch `transformers` MiniLM run on every sentence by itself."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from vljax.data import reports
+    from vljax.models.bert import default_bert_dir, load_hf_bert
+    from vljax.models.resnet3d import ResNet3D
+    from vljax.models.two_tower import TwoTower
+    from flax import nnx
+
+    texts = [reports.normalize_report_text(t) for t in (
+        "Liver: The liver measures 17.5 cm. No steatosis.",
+        "Spleen: Normal. No splenomegaly.",
+        "Liver: The liver measures 17.5 cm. Hepatic steatosis.",
+        "No splenomegaly.")]
+    bert, _ = load_hf_bert()
+    model = TwoTower(ResNet3D(18, width=4, rngs=nnx.Rngs(0)), bert, embed_dim=8, pooling="sentence_mean",
+                     rngs=nnx.Rngs(0))
+    pooled_fn = jax.jit(lambda i, m: model.text_features(i, m, train=False))
+    tok = train.reports_lib.load_tokenizer(None)
+    calls = []
+    real = train.run_text_tower
+    monkeypatch.setattr(train, "run_text_tower", lambda t, *a, **k: (calls.append(len(t)), real(t, *a, **k))[1])
+    got = train.sentence_features(texts, tok, pooled_fn, max_len=64)
+    assert calls == [7]  # 11 sentences, 7 distinct: each through the tower once
+
+    ref = transformers.BertModel.from_pretrained(str(default_bert_dir()), local_files_only=True,
+                                                 attn_implementation="eager").eval()
+    want = []
+    for text in texts:
+        rows = []
+        for sentence in reports.split_sentences(text):
+            enc = tok(sentence, return_tensors="pt")
+            with torch.no_grad():
+                h = ref(**enc).last_hidden_state[0].numpy()
+            rows.append(h.mean(axis=0))  # every token is real: one sentence, no padding
+        want.append(np.mean(rows, axis=0))
+    np.testing.assert_allclose(got, np.array(want), atol=2e-4, rtol=1e-3)
+    np.testing.assert_array_equal(got[1][None], train.sentence_features(texts[1:2], tok, pooled_fn, 64))
+    with pytest.raises(ValueError, match="text 1 has no sentence"):
+        train.sentence_features(["ok .", "  "], tok, pooled_fn, 64)
+
+
+def test_sentence_pooling_needs_a_locked_text_tower():
+    from vljax.models import two_tower
+
+    config = merlin.get_config("phantom")
+    config.model.text.update(pooling="sentence_mean", trainable=True)
+    with pytest.raises(ValueError, match="locked text tower"):
+        two_tower.ModelSpec.from_config(config.model)
 
 
 def test_text_cache_runs_the_tower_once_per_distinct_text_and_matches_a_full_run(monkeypatch):

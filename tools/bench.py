@@ -146,12 +146,15 @@ def _compiled_step(config, batch: int, text_size: str | None):
     vol_dtype = jnp.bfloat16 if config.data.dtype == "bfloat16" else jnp.float32
     b = {"image": jax.ShapeDtypeStruct((batch, z, x, y), vol_dtype, sharding=data_sharding)}
     L = config.data.max_text_len
-    b["attention_mask"] = jax.ShapeDtypeStruct((batch, L), jnp.int32, sharding=data_sharding)
+    hidden = model.spec.text_config().hidden_size
     if config.model.text.trainable:
         b["input_ids"] = jax.ShapeDtypeStruct((batch, L), jnp.int32, sharding=data_sharding)
+    elif config.model.text.pooling == "sentence_mean":  # locked tower: the texts' pooled features
+        b["text_pooled"] = jax.ShapeDtypeStruct((batch, hidden), jnp.float32, sharding=data_sharding)
     else:  # locked text tower: cached token states
-        hidden = model.spec.text_config().hidden_size
         b["text_hidden"] = jax.ShapeDtypeStruct((batch, L, hidden), jnp.float16, sharding=data_sharding)
+    if "text_pooled" not in b:
+        b["attention_mask"] = jax.ShapeDtypeStruct((batch, L), jnp.int32, sharding=data_sharding)
     if phen:
         b["phenotypes"] = jax.ShapeDtypeStruct((batch, phen), jnp.int8, sharding=data_sharding)
     step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0)
@@ -206,8 +209,8 @@ def _step_inputs(state_abs, batch_abs):
     for k, s in batch_abs.items():
         if k == "image":
             v = rng.uniform(0, 1, s.shape).astype(np.float32)
-        elif k == "text_hidden":
-            v = rng.standard_normal(s.shape).astype(np.float16)
+        elif k in ("text_hidden", "text_pooled"):
+            v = rng.standard_normal(s.shape).astype(s.dtype)
         elif k == "attention_mask":
             v = np.ones(s.shape, np.int32)
         else:

@@ -25,7 +25,6 @@ metrics are written, never report text.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import time
@@ -40,7 +39,7 @@ from flax import nnx
 
 from vljax import evaluate, losses, train
 from vljax.data import ct as ct_lib
-from vljax.data import pipeline, reports as reports_lib, sampling
+from vljax.data import pipeline, sampling
 from vljax.data.findings import FINDING_SECTION, FINDINGS
 from vljax.evals import diagnostics, zero_shot
 from vljax.models.resnet3d import ResNet3D
@@ -100,17 +99,15 @@ def _embed_images(run: dict, records) -> tuple[np.ndarray, np.ndarray]:
 def text_side(run: dict, records, labels: np.ndarray, phrase_emb: np.ndarray,
               table: zero_shot.PromptTable) -> dict:
     """The protocol with each study's full report, and its own organ section, as the query."""
-    config, tokenizer, text_fn = run["config"], run["tokenizer"], run["text_fn"]
-    full = train.run_text_tower(train.text_table(config, tokenizer, records), text_fn)
+    embed_texts = run["embed_texts"]
+    full = embed_texts(pipeline.full_report_texts(records))
     units = sampling.unit_texts(records)
     section_emb, present = {}, {}
     for sec in sorted(set(FINDING_SECTION.values())):
         has = np.array([bool(u[sec].strip()) for u in units])
         emb = np.zeros((len(records), full.shape[1]), np.float32)
         if has.any():
-            table_s = pipeline.tokenize_table(tokenizer, [u[sec] for u, h in zip(units, has) if h],
-                                              config.data.max_text_len)
-            emb[has] = train.run_text_tower(table_s, text_fn)
+            emb[has] = embed_texts([u[sec] for u, h in zip(units, has) if h])
         section_emb[sec], present[sec] = emb, has
     sec_scores, sec_labels = diagnostics.section_scores(section_emb, present, phrase_emb, table, labels)
     return {"full_report": _protocol(zero_shot.zero_shot_scores(full, phrase_emb, table), labels),
@@ -209,14 +206,13 @@ def diagnose_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
                  *, probe_train: int = 400, supervised: bool = False, supervised_steps: int = 0) -> dict:
     run = evaluate.load_run(workdir, step, data_dir)
     config, manifest = run["config"], run["manifest"]
-    _, embed_text = train.make_embed_fns(run["model"], run["mesh"])
-    run["text_fn"] = functools.partial(embed_text, run["params"], run["rest"])
+    run["embed_texts"] = train.make_text_embedder(run["model"], run["mesh"], run["params"], run["rest"],
+                                                  run["tokenizer"], config.data.max_text_len)
     run["image_fn"] = _image_fns(run)
     records = manifest.split(split)
     labels = np.array([r.labels for r in records], np.int8)
-    table = zero_shot.prompt_table()
-    enc = reports_lib.tokenize(run["tokenizer"], table.texts, min(64, config.data.max_text_len))
-    phrase_emb = train.run_text_tower(pipeline.TextTable(enc["input_ids"], enc["attention_mask"]), run["text_fn"])
+    table = zero_shot.prompt_table(zero_shot.prompts_for(config.get("zero_shot_prompts", "merlin")))
+    phrase_emb = run["embed_texts"](table.texts)
 
     image_feat, image_emb = _embed_images(run, records)
     train_records = train.train_records(config, manifest)

@@ -20,12 +20,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 
 from vljax import train
-from vljax.evals import report
+from vljax.evals import report, zero_shot
 
 _WORKDIR = train._WORKDIR  # the trainer's --workdir flag (defined once per process)
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "split to evaluate")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "override config.data.dir (data moved since training)")
+_PROMPTS = flags.DEFINE_enum("prompts", None, list(zero_shot.PROMPT_SETS),
+                             "zero-shot prompt set (default: the run's config.zero_shot_prompts)")
 
 
 def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None = None) -> dict:
@@ -65,12 +67,16 @@ def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None =
 
 
 def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1,
-                 data_dir: str | None = None) -> tuple[dict, pathlib.Path]:
+                 data_dir: str | None = None, prompts: str | None = None) -> tuple[dict, pathlib.Path]:
     """Evaluates checkpoint `step` of the run in `workdir`; returns (results, path written).
+    `prompts` replaces the run's zero-shot prompt set (recorded in the results' config).
 
     Process 0 also logs the zero-shot summary and writes the split's chart (`evals/report.py`)."""
     run = load_run(workdir, step, data_dir)
     config = run["config"]
+    if prompts:
+        zero_shot.prompts_for(prompts)  # an unknown name fails here, before any work
+        config.zero_shot_prompts = prompts
     result = train.evaluate_split(config, run["model"], run["params"], run["rest"],
                                   run["manifest"].split(split), run["tokenizer"], run["mesh"])
     path = None
@@ -86,7 +92,7 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
-        result, path = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _DATA_DIR.value)
+        result, path = evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _DATA_DIR.value, _PROMPTS.value)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     zs, r = result["zero_shot"], result["retrieval"]

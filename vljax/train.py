@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from absl import app, flags, logging
@@ -57,7 +58,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 # spacing/shape) is refused.
 _RESUMABLE_FIELDS = {"log_every", "eval_every", "eval_max_studies", "ckpt_every", "keep_checkpoints",
                      "data.workers", "data.prefetch", "final_eval_split", "eval_batch_size", "data.dir",
-                     "data.geometry_backend", "data.cache_volumes"}
+                     "data.geometry_backend", "data.cache_volumes", "zero_shot_prompts"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -230,6 +231,27 @@ def cache_text_features(table: pipeline.TextTable, text_fn: Callable) -> pipelin
     return dataclasses.replace(table, features=features, offsets=offsets)
 
 
+def sentence_features(texts: Sequence[str], tokenizer, pooled_fn: Callable, max_len: int) -> np.ndarray:
+    """[len(texts), H] float32: each text's mean over its sentences (`reports.split_sentences` of the
+    normalised text) of `pooled_fn(ids, mask)`, the locked tower's mean-pooled features of one
+    sentence. Every distinct sentence goes through the tower once: the phantom's ~25,000 training
+    texts are made of a few thousand distinct sentences, so this takes seconds where the token-level
+    cache (`cache_text_features`) takes minutes."""
+    where: dict[str, int] = {}
+    members: list[list[int]] = []
+    for k, text in enumerate(texts):
+        sentences = reports_lib.split_sentences(text)
+        if not sentences:
+            raise ValueError(f"text {k} has no sentence after normalisation (empty text)")
+        members.append([where.setdefault(x, len(where)) for x in sentences])
+    enc = reports_lib.tokenize(tokenizer, list(where), max_len)
+    feats = run_text_tower(pipeline.TextTable(enc["input_ids"], enc["attention_mask"]), pooled_fn)
+    out = np.empty((len(texts), feats.shape[-1]), np.float32)
+    for k, idx in enumerate(members):
+        out[k] = feats[idx].mean(axis=0)
+    return out
+
+
 def train_records(config, manifest: Manifest) -> list:
     """The training split, or its seeded `config.data.train_fraction` subset (nested across fractions)."""
     records = manifest.split("train")
@@ -252,9 +274,17 @@ def train_source(config, manifest: Manifest, tokenizer, text_fn: Callable | None
     records = train_records(config, manifest)
     sampler, texts = make_sampler(config, records)
     units = (sampling_lib.FULL,) + sampler.schedule.sections
-    unit_texts = pipeline.tokenize_units(tokenizer, texts, units, config.data.max_text_len)
-    if text_fn is not None:
-        unit_texts = dataclasses.replace(unit_texts, table=cache_text_features(unit_texts.table, text_fn))
+    if text_fn is not None and config.model.text.pooling == "sentence_mean":
+        t0 = time.perf_counter()
+        flat, rows = pipeline.unit_strings(texts, units)
+        pooled = sentence_features(flat, tokenizer, text_fn, config.data.max_text_len)
+        unit_texts = pipeline.UnitTexts(pipeline.TextTable.from_pooled(pooled), rows)
+        logging.info("text features of %d training texts from their sentences in %.1f s", len(flat),
+                     time.perf_counter() - t0)
+    else:
+        unit_texts = pipeline.tokenize_units(tokenizer, texts, units, config.data.max_text_len)
+        if text_fn is not None:
+            unit_texts = dataclasses.replace(unit_texts, table=cache_text_features(unit_texts.table, text_fn))
     volumes = None
     if config.data.get("cache_volumes", False):  # small inputs: decode and resample every training volume once
         t0 = time.perf_counter()
@@ -375,7 +405,9 @@ def make_train_step(model: Model, tx, schedule, config, mesh: Mesh) -> Callable:
         m = nnx.merge(model.graphdef, params, rest, copy=True)
         feats = m.image_features(batch["image"], train=True)
         img = m.embed_image_features(feats, train=True)
-        if "text_hidden" in batch:  # locked text tower: its cached hidden states, trainable pooling
+        if "text_pooled" in batch:  # locked text tower, "sentence_mean": the texts' pooled features
+            txt = m.embed_text_features(batch["text_pooled"])
+        elif "text_hidden" in batch:  # locked text tower: its cached hidden states, trainable pooling
             txt = m.embed_text_features(m.pool_text(batch["text_hidden"], batch["attention_mask"]))
         else:
             txt = m.encode_text(batch["input_ids"], batch["attention_mask"], train=True,
@@ -476,6 +508,29 @@ def make_embed_fns(model: Model, mesh: Mesh) -> tuple[Callable, Callable]:
     return embed_image, embed_text
 
 
+def make_text_embedder(model: Model, mesh: Mesh, params, rest, tokenizer, max_len: int) -> Callable:
+    """`embed(texts)`: L2-normalised text embeddings [N, E] of normalised texts, in evaluation mode,
+    by the model's own text path (token ids through the tower, or with "sentence_mean" pooling the
+    mean of the texts' sentence features through the projection)."""
+    replicated = NamedSharding(mesh, P())
+    if model.spec.pooling != "sentence_mean":
+        _, embed_text = make_embed_fns(model, mesh)
+        text_fn = functools.partial(embed_text, params, rest)
+        return lambda texts: run_text_tower(pipeline.tokenize_table(tokenizer, list(texts), max_len), text_fn)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def pooled(params, rest, input_ids, attention_mask):
+        return nnx.merge(model.graphdef, params, rest, copy=True).text_features(input_ids, attention_mask,
+                                                                              train=False)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def project(params, rest, features):
+        return nnx.merge(model.graphdef, params, rest, copy=True).embed_text_features(features)
+
+    pooled_fn = functools.partial(pooled, params, rest)
+    return lambda texts: np.asarray(project(params, rest, sentence_features(texts, tokenizer, pooled_fn, max_len)))
+
+
 def _host_infonce(img: np.ndarray, txt: np.ndarray, scale: float) -> float:
     logits = scale * img.astype(np.float64) @ txt.astype(np.float64).T
     def ce(lg):
@@ -484,15 +539,26 @@ def _host_infonce(img: np.ndarray, txt: np.ndarray, scale: float) -> float:
     return 0.5 * (ce(logits) + ce(logits.T))
 
 
+# With `data.cache_volumes`, splits of at least this many studies are preprocessed in parallel before
+# evaluation (below it, starting the worker processes costs more than it saves).
+EVAL_PRELOAD_MIN_STUDIES = 256
+
+
 def evaluate_split(config, model: Model, params, rest, records, tokenizer, mesh: Mesh, *,
                    workers: int = 0) -> dict:
     """Zero-shot (30 findings), image→report retrieval and InfoNCE loss on `records`."""
-    embed_image, embed_text = make_embed_fns(model, mesh)
-    text_fn = functools.partial(embed_text, params, rest)
+    embed_image, _ = make_embed_fns(model, mesh)
+    embed_texts = make_text_embedder(model, mesh, params, rest, tokenizer, config.data.max_text_len)
     batch_size = config.eval_batch_size
     texts = text_table(config, tokenizer, records)
+    volumes = None
+    if config.data.get("cache_volumes", False) and len(records) >= EVAL_PRELOAD_MIN_STUDIES:
+        # Small inputs, a large split (the phantom's final evaluation): decode and resample the
+        # volumes in one process per core first, instead of one by one in this process.
+        volumes = pipeline.preload_volumes(records, ct_config(config), workers=max(1, os.cpu_count() or 1))
     source = pipeline.EvalBatches(records, texts, batch_size, ct_config(config),
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  volumes=volumes)
     imgs, labels = [], []
     for batch in pipeline.make_iterator(source, workers=workers):
         g_valid = np.asarray(multihost_utils.process_allgather(batch["valid"].astype(bool), tiled=True))
@@ -501,12 +567,11 @@ def evaluate_split(config, model: Model, params, rest, records, tokenizer, mesh:
         imgs.append(np.asarray(i)[g_valid])
         labels.append(g_labels[g_valid])
     img, lab = np.concatenate(imgs), np.concatenate(labels)
-    txt = run_text_tower(texts, text_fn)
+    txt = embed_texts(pipeline.full_report_texts(records))
     scale = float(nnx.merge(model.graphdef, params, rest, copy=True).logit_scale())
 
-    table = zero_shot.prompt_table()
-    enc = reports_lib.tokenize(tokenizer, table.texts, min(64, config.data.max_text_len))
-    phrase_emb = run_text_tower(pipeline.TextTable(enc["input_ids"], enc["attention_mask"]), text_fn)
+    table = zero_shot.prompt_table(zero_shot.prompts_for(config.get("zero_shot_prompts", "merlin")))
+    phrase_emb = embed_texts(table.texts)
     scores = zero_shot.zero_shot_scores(img, phrase_emb, table)
     # InfoNCE over consecutive full batches (the same batch size as training would use).
     full = (len(img) // config.batch_size) * config.batch_size
@@ -616,8 +681,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     text_fn = None
     if not config.model.text.trainable:
-        text_fn = jax.jit(lambda p, r, ids, mask: nnx.merge(model.graphdef, p, r, copy=True).text_hidden(
-            ids, mask, train=False), out_shardings=replicated)
+        if config.model.text.pooling == "sentence_mean":  # pooled features of single sentences
+            text_fn = jax.jit(lambda p, r, ids, mask: nnx.merge(model.graphdef, p, r, copy=True).text_features(
+                ids, mask, train=False), out_shardings=replicated)
+        else:
+            text_fn = jax.jit(lambda p, r, ids, mask: nnx.merge(model.graphdef, p, r, copy=True).text_hidden(
+                ids, mask, train=False), out_shardings=replicated)
         text_fn = functools.partial(text_fn, state["params"], state["rest"])
     source = train_source(config, manifest, tokenizer, text_fn)
     del text_fn  # it holds the initial state's buffers, which the first step donates

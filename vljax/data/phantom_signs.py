@@ -115,6 +115,9 @@ DESIGNED: dict[str, Sign] = {
     "fracture": _s("vertebral compression: lost height, low-density cleft, sclerotic end plate; size = cleft height", (40, 50), (15 - _BONE,) * 2, (2, 3)),
 }
 
+# Where a thrombosis is drawn (one per study; the renderer knows each vessel, the report names it).
+THROMBOSIS_VESSELS = ("portal vein", "inferior vena cava", "left common iliac vein")
+
 PROFILES: dict[str, dict[str, Sign]] = {"designed": DESIGNED, "anatomic": ANATOMIC}
 for _name, _table in PROFILES.items():  # every finding is drawn in every profile, nothing else
     if set(_table) != set(FINDINGS):
@@ -225,7 +228,7 @@ def sample_finding_params(rng: np.random.Generator, anatomy: dict, signs: dict) 
         "hiatal hernia": dict(size=size("hiatal hernia")),
         "ascites": dict(hu=hu("ascites")),
         "abdominal aortic aneurysm": dict(radius=size("abdominal aortic aneurysm"), hu=hu("abdominal aortic aneurysm")),
-        "thrombosis": dict(vessel=["portal vein", "inferior vena cava", "left common iliac vein"][int(rng.integers(3))],
+        "thrombosis": dict(vessel=THROMBOSIS_VESSELS[int(rng.integers(len(THROMBOSIS_VESSELS)))],
                            radius=size("thrombosis"), hu=hu("thrombosis")),
         "atherosclerosis": dict(plaques=[(u(0, 2 * np.pi), u(0, 1), size("atherosclerosis"))
                                          for _ in range(count("atherosclerosis"))], hu=hu("atherosclerosis")),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from vljax.data.findings import FINDING_SECTION, HEADER_TO_SECTION, SECTION_FINDINGS, SECTIONS, normalize_header
+from vljax.data.findings import (FINDING_SECTION, FINDINGS, HEADER_TO_SECTION, SECTION_FINDINGS, SECTIONS,
+                                 normalize_header)
+from vljax.data.phantom_signs import THROMBOSIS_VESSELS
 
 # {finding: (positive templates, negative templates)}; "{side}" / "{sev}" / "{level}" / "{vessel}"
 # are filled from the finding's parameters.
@@ -123,6 +125,31 @@ UNKNOWN_HEADERS = ("SOFT TISSUES", "OTHER", "TUBES AND LINES", "ABDOMINAL SOFT T
 UNKNOWN_BODIES = ("Unremarkable.", "None.", "No additional findings.")
 SEVERITY = ("small", "moderate", "large", "mild")
 LEVELS = ("T11", "T12", "L1", "L2", "L3", "L4")
+
+
+SIDES = ("right", "left", "bilateral")
+
+
+def prompt_phrases() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Zero-shot prompts from the report writer's own phrase lists: per finding, every positive and
+    every negative template, with each placeholder expanded over its values (sides, severities,
+    vertebral levels, vessels). Templates quoting a measured size are left out: a size is a number
+    the image must show, not a phrase of the finding."""
+    fills = dict(side=SIDES, sev=SEVERITY, level=LEVELS, vessel=THROMBOSIS_VESSELS)
+
+    def expand(template: str) -> list[str]:
+        names = sorted({n for n in fills if "{" + n + "}" in template or "{" + n.capitalize() + "}" in template})
+        out = [template]
+        for name in names:
+            out = [t.replace("{" + name + "}", v).replace("{" + name.capitalize() + "}", v.capitalize())
+                   for t in out for v in fills[name]]
+        return [t[0].upper() + t[1:] for t in out]
+
+    prompts = {}
+    for finding in FINDINGS:
+        pos, neg = ([t for t in side if "{size}" not in t] for side in PHRASES[finding])
+        prompts[finding] = (tuple(x for t in pos for x in expand(t)), tuple(x for t in neg for x in expand(t)))
+    return prompts
 
 
 def _pick(rng: np.random.Generator, options):

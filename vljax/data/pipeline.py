@@ -42,12 +42,21 @@ from vljax.data.manifest import StudyRecord
 class TextTable:
     """Token ids and masks [R, L] (int32), one text per row. With a locked text tower also its last
     hidden states, stored ragged (`features` [sum of row lengths, H] float16, row r at
-    `offsets[r]:offsets[r + 1]`), which then replace the token ids in batches."""
+    `offsets[r]:offsets[r + 1]`), which then replace the token ids in batches. With a locked tower
+    and "sentence_mean" pooling instead the pooled feature of every row (`pooled` [R, H] float32),
+    which alone then stands for the text in batches."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     features: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    pooled: np.ndarray | None = None
+
+    @classmethod
+    def from_pooled(cls, pooled: np.ndarray) -> TextTable:
+        """A table of pooled features only (no token ids: batches carry the features)."""
+        empty = np.zeros((len(pooled), 0), np.int32)
+        return cls(empty, empty, pooled=np.asarray(pooled, np.float32))
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -96,8 +105,9 @@ class UnitTexts:
         return len(self.rows)
 
 
-def tokenize_units(tokenizer, texts: Sequence[dict[str, str]], units: Sequence[int], max_length: int) -> UnitTexts:
-    """One table row per (study, unit) with non-empty text, for the units in `units`."""
+def unit_strings(texts: Sequence[dict[str, str]], units: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """The non-empty texts of the units in `units`, one per (study, unit), and `rows` [N, len(UNITS)]
+    (their index in that list, -1 where absent or unused): the row order of `tokenize_units`."""
     rows = np.full((len(texts), len(sampling.UNITS)), -1, np.int64)
     flat: list[str] = []
     for u in units:
@@ -106,6 +116,12 @@ def tokenize_units(tokenizer, texts: Sequence[dict[str, str]], units: Sequence[i
             if t[name].strip():
                 rows[i, u] = len(flat)
                 flat.append(t[name])
+    return flat, rows
+
+
+def tokenize_units(tokenizer, texts: Sequence[dict[str, str]], units: Sequence[int], max_length: int) -> UnitTexts:
+    """One table row per (study, unit) with non-empty text, for the units in `units`."""
+    flat, rows = unit_strings(texts, units)
     return UnitTexts(tokenize_table(tokenizer, flat, max_length), rows)
 
 
@@ -185,11 +201,14 @@ class _StudyLoader:
         else:
             volumes = np.stack([ct_lib.preprocess_ct(self.records[i].image, self.ct_config) for i in idx])
         batch = {"image": volumes, "labels": self.labels[idx], "study_index": idx.astype(np.int32)}
-        if self.text.features is not None:
-            batch["text_hidden"] = self.text.hidden(rows)
+        if self.text.pooled is not None:
+            batch["text_pooled"] = self.text.pooled[rows]
         else:
-            batch["input_ids"] = self.text.input_ids[rows]
-        batch["attention_mask"] = self.text.attention_mask[rows]
+            if self.text.features is not None:
+                batch["text_hidden"] = self.text.hidden(rows)
+            else:
+                batch["input_ids"] = self.text.input_ids[rows]
+            batch["attention_mask"] = self.text.attention_mask[rows]
         if self.with_phenotypes:
             batch["phenotypes"] = self.phenotypes[idx]
         return batch

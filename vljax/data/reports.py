@@ -225,6 +225,31 @@ def normalize_report_text(text: str) -> str:
     return " ".join(_TOKEN.findall(text.lower()))
 
 
+_SENTENCE_MARKS = frozenset(".!?;:")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a normalised text (`normalize_report_text`), in order.
+
+    A sentence ends after a ".", "!", "?", ";" or ":" token, except between two numbers ("17 . 5" is
+    one number); ":" thus ends a section header. Joining the result with spaces gives the text back.
+    "liver : the liver measures 17 . 5 cm . no steatosis ." ->
+    ["liver :", "the liver measures 17 . 5 cm .", "no steatosis ."]
+    """
+    tokens = text.split()
+    out: list[str] = []
+    start = 0
+    for k, tok in enumerate(tokens):
+        if tok in _SENTENCE_MARKS:
+            between_numbers = 0 < k < len(tokens) - 1 and tokens[k - 1].isdigit() and tokens[k + 1].isdigit()
+            if not between_numbers:
+                out.append(" ".join(tokens[start:k + 1]))
+                start = k + 1
+    if start < len(tokens):
+        out.append(" ".join(tokens[start:]))
+    return out
+
+
 def report_texts(findings_text: str, study_id: str | None = None) -> dict[str, str]:
     """The normalised text units of one study: "full" then the 13 section keys ("" if absent)."""
     split = split_sections(findings_text, study_id)

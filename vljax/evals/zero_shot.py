@@ -435,6 +435,27 @@ FINDING_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# Prompt sets, by name (`config.zero_shot_prompts`): "merlin", the report sentences above, for any
+# dataset; "phantom", the phantom report writer's own phrase lists
+# (`vljax.data.phantom_text.prompt_phrases`); "merlin+phantom", both, as one ensemble per finding.
+PROMPT_SETS = ("merlin", "phantom", "merlin+phantom")
+
+
+def prompts_for(name: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The {finding: (positive phrases, negative phrases)} of prompt set `name` (`PROMPT_SETS`)."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"zero-shot prompt set {name!r}: choose one of {list(PROMPT_SETS)}")
+    if name == "merlin":
+        return dict(FINDING_PROMPTS)
+    from vljax.data.phantom_text import prompt_phrases
+
+    phantom = prompt_phrases()
+    if name == "phantom":
+        return phantom
+    return {f: (tuple(FINDING_PROMPTS[f][0]) + phantom[f][0], tuple(FINDING_PROMPTS[f][1]) + phantom[f][1])
+            for f in FINDING_PROMPTS}
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptTable:
     """All prompt phrases, normalised and deduplicated, with per-finding index lists into `texts`.

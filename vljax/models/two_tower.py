@@ -54,16 +54,24 @@ def _l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+# Text pooling. "sentence_mean": every sentence of a text goes through the (locked) tower on its own
+# and is mean-pooled, as sentence-transformers embeds a sentence; the text's feature is the mean of its
+# sentences' features (`vljax.train.sentence_features`).
+POOLINGS = ("cls", "eos", "mean", "map", "sentence_mean")
+
+
 class TwoTower(nnx.Module):
     """Image tower + text tower + projections + logit scale (+ phenotype head)."""
 
     def __init__(self, image_tower: ResNet3D, text_tower: bert_lib.BertModel, *, embed_dim: int = 512,
-                 pooling: Literal["cls", "eos", "mean", "map"] = "cls", eos_token_id: int | None = None,
+                 pooling: Literal["cls", "eos", "mean", "map", "sentence_mean"] = "cls",
+                 eos_token_id: int | None = None,
                  logit_scale_init: float = 1.0, logit_scale_max: float | None = None,
                  num_phenotypes: int = 0, image_feature_norm: bool = False, rngs: nnx.Rngs):
-        if pooling not in ("cls", "eos", "mean", "map"):
-            raise ValueError(f"text pooling {pooling!r}: use 'cls' (Merlin), 'eos' (CXR-CLIP), 'mean' or "
-                             "'map' (attention pooling)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"text pooling {pooling!r}: use 'cls' (Merlin), 'eos' (CXR-CLIP), 'mean', "
+                             "'map' (attention pooling) or 'sentence_mean' (a locked tower's mean-pooled "
+                             "sentences, averaged)")
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.pooling = pooling
@@ -111,10 +119,14 @@ class TwoTower(nnx.Module):
         return self.text_tower(input_ids, attention_mask, deterministic=not train, rngs=rngs)
 
     def pool_text(self, hidden: Array, attention_mask: Array, input_ids: Array | None = None) -> Array:
-        """Hidden states [B, L, H] → pooled fp32 [B, H] by the configured pooling."""
+        """Hidden states [B, L, H] → pooled fp32 [B, H] by the configured pooling.
+
+        With "sentence_mean" each row is one sentence and is mean-pooled; averaging the sentences of
+        a text is the caller's (`vljax.train.sentence_features`), on the host, since the sentences
+        are embedded separately."""
         if self.pooling == "map":
             return self.text_pool(hidden, attention_mask)
-        if self.pooling == "mean":  # masked mean over real tokens (sentence-transformers' pooling)
+        if self.pooling in ("mean", "sentence_mean"):  # masked mean over real tokens (sentence-transformers')
             mask = attention_mask[..., None].astype(jnp.float32)
             return jnp.sum(hidden.astype(jnp.float32) * mask, axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
         pooled = bert_lib.pool(hidden, attention_mask, input_ids, kind=self.pooling,
@@ -184,6 +196,9 @@ class ModelSpec:
             raise ValueError(f"config.model.image.conv={conv!r}: use one of {list(CONV_IMPLS)}")
         if model_cfg.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
+        if txt.pooling == "sentence_mean" and txt.trainable:
+            raise ValueError("config.model.text.pooling='sentence_mean' embeds every sentence once, with a "
+                             "locked text tower: set config.model.text.trainable=False, or use 'mean'")
         scale_max = model_cfg.logit_scale_max
         return cls(image_depth=img.depth, image_width=img.width, image_norm=img.norm,
                    image_num_groups=img.num_groups, image_remat=img.remat,
