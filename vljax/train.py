@@ -234,8 +234,8 @@ def cache_text_features(table: pipeline.TextTable, text_fn: Callable) -> pipelin
 def sentence_features(texts: Sequence[str], tokenizer, pooled_fn: Callable, max_len: int) -> np.ndarray:
     """[len(texts), H] float32: each text's mean over its sentences (`reports.split_sentences` of the
     normalised text) of `pooled_fn(ids, mask)`, the locked tower's mean-pooled features of one
-    sentence. Every distinct sentence goes through the tower once: the phantom's ~25,000 training
-    texts are made of a few thousand distinct sentences, so this takes seconds where the token-level
+    sentence. Every distinct sentence goes through the tower once: the 47,000 training texts of the
+    6,000-study phantom hold 470 distinct sentences, so this takes seconds where the token-level
     cache (`cache_text_features`) takes minutes."""
     where: dict[str, int] = {}
     members: list[list[int]] = []
