@@ -6,7 +6,7 @@ Real data (Merlin release layout, or a vljax JSONL manifest), e.g. on a Cloud TP
       --config.data.dir=/data/merlin --distributed
 
 The embedded phantom default (generates a 6,000-study synthetic dataset under the workdir, small
-towers, sized to finish in about 13 minutes on 2 CPU cores):
+towers, sized to finish in 14-15 minutes on 2 CPU cores):
 
   python -m vljax.train --config=configs/merlin.py:phantom --workdir=/tmp/vljax_run
 
