@@ -218,7 +218,7 @@ def _phantom(c: ml_collections.ConfigDict) -> None:
     c.model.logit_scale_max = math.log(100.0)
     c.model.dtype = "float32"
     # With cached volumes, pooled text features and depth-tap convolutions a step of 32 runs in ~0.1 s
-    # on 2 cores: 6,000 steps of 32 (about 53 passes over the 3,634 training studies) in ~10.5 minutes.
+    # on 2 cores: 6,000 steps of 32 (about 53 passes over the 3,634 training studies) in about 11 minutes.
     c.total_steps = 6000
     c.batch_size = 32
     c.optim.lr = 1e-3
