@@ -14,7 +14,11 @@ On a GPU or TPU (`jax.default_backend() != "cpu"`) the phantom default grows: 6x
 wider image tower and more steps (`_accelerator_phantom`); `geometry=cpu|accelerator` picks one
 explicitly (default `auto`), and `config.data.geometry` records which one ran.
 
-The argument after ':' is a comma-separated list: `phantom` and/or `key=value` with the keys of
+`tiny` (`--config=configs/merlin.py:tiny`): a 64-study phantom and tiny towers (ResNet-18 width 4 on
+16x16x8 volumes, a 2-layer BERT trained from scratch), 20 steps: about a minute on 2 cores, for trying
+flags and for the tests. Its numbers mean nothing.
+
+The argument after ':' is a comma-separated list: `phantom`, `tiny` and/or `key=value` with the keys of
 `ARGS` below (type-checked, unknown keys rejected). Any field can be overridden with
 `--config.optim.lr=1e-4` etc.
 """
@@ -27,7 +31,7 @@ import ml_collections
 from ml_collections import config_dict
 
 # Arguments accepted after ':' and their types. `phantom` is a bare flag.
-ARGS = {"phantom": bool, "seed": int, "data_seed": int, "subset_seed": int, "steps": int, "batch": int,
+ARGS = {"phantom": bool, "tiny": bool, "seed": int, "data_seed": int, "subset_seed": int, "steps": int, "batch": int,
         "sampling": str, "balance_ratio": float, "train_fraction": float, "geometry": str}
 SAMPLING = ("random", "alternating", "balanced")
 # Phantom geometry: `auto` resolves by the JAX backend (`resolve_geometry`).
@@ -91,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.phantom = False                      # generate/reuse a phantom dataset (data.dir or workdir/phantom)
     c.data.phantom_studies = 1000
     c.data.phantom_seed = 0
-    c.data.phantom_signs = "designed"           # vljax/data/phantom_signs.py: "designed" or "anatomic"
+    c.data.phantom_signs = "designed"           # vljax/data/phantom/signs.py: "designed" or "anatomic"
     c.data.spacing = (1.5, 1.5, 3.0)            # mm, x y z (RAS)
     c.data.shape = (224, 224, 160)              # voxels, x y z -> model input D,H,W = 160,224,224
     c.data.hu_window = (-1000.0, 1000.0)
@@ -121,9 +125,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     # conv: "auto" (2D convolutions over the depth taps on XLA:CPU, native 3D convs on GPU/TPU),
     # "native" or "depth_taps" (vljax/models/conv.py); the parameters are the same.
+    # init: "scratch" (random) or "torchvision:/path/resnet152.safetensors" (a torchvision ResNet state
+    # dict of the same depth and width, I3D-inflated: each 2D kernel in the centre depth tap, as Merlin).
     c.model.image = ml_collections.ConfigDict(dict(name="resnet3d", depth=152, width=64, norm="batch",
                                                    num_groups=32, remat=True,
-                                                   feature_norm=False, conv="auto"))
+                                                   feature_norm=False, conv="auto", init="scratch"))
     c.model.text = ml_collections.ConfigDict(dict(name="bert", init="pretrained", size="base",
                                                   vocab_size=30522, pooling="cls", trainable=True))
     c.model.text.path = config_dict.placeholder(str)  # HF BERT folder; None = MiniLM shipped by pip
@@ -157,6 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.zero_shot_prompts = "merlin"
 
     requested = args.get("geometry", "auto")
+    if args.get("tiny"):
+        if requested != "auto":
+            raise ValueError("configs/merlin.py: tiny has its own geometry; geometry= does not apply")
+        args["phantom"], requested = True, "cpu"
     if args.get("phantom"):
         _phantom(c)
         # The backend is queried only for `auto` (querying initialises JAX, which must come after
@@ -170,6 +180,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.geometry_backend = backend
         if c.data.geometry == "accelerator":
             _accelerator_phantom(c)
+        if args.get("tiny"):
+            _tiny(c)
     elif requested != "auto":
         raise ValueError(f"configs/merlin.py: geometry={requested} applies to the phantom default only "
                          "(e.g. --config=configs/merlin.py:phantom,geometry=accelerator)")
@@ -191,7 +203,7 @@ def _phantom(c: ml_collections.ConfigDict) -> None:
     # default, session 6"). Generating them takes ~1.5 minutes on 2 cores.
     c.data.phantom_studies = 6000
     # 18x18x24 mm voxels, 432x432x384 mm field of view: XLA:CPU 3D convolutions are slow even as
-    # 2D convolutions over the depth taps; the phantom's designed findings (vljax/data/phantom_signs.py)
+    # 2D convolutions over the depth taps; the phantom's designed findings (vljax/data/phantom/signs.py)
     # are sized to be visible at this geometry.
     c.data.spacing = (18.0, 18.0, 24.0)
     c.data.shape = (24, 24, 16)
@@ -232,6 +244,28 @@ def _phantom(c: ml_collections.ConfigDict) -> None:
     # lists, one ensemble per finding (val macro AUROC 0.733 against 0.708 with the first alone and
     # 0.599 with the second alone, on one checkpoint: BUILD_NOTES.md, "Phantom default, session 6").
     c.zero_shot_prompts = "merlin+phantom"
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    """A run that only shows the machinery works (applied after `_phantom`): a 64-study phantom, tiny
+    towers, few steps; no pretrained weights, nothing to download or cache."""
+    c.data.phantom_studies = 64
+    c.data.geometry = "tiny"
+    c.data.shape = (16, 16, 8)
+    c.data.spacing = (24.0, 24.0, 40.0)
+    c.data.max_text_len = 64
+    c.model.image.update(depth=18, width=4)
+    c.model.text.update(init="scratch", size="tiny", trainable=True, pooling="cls")
+    c.model.embed_dim = 16
+    c.total_steps = 20
+    c.batch_size = 8
+    c.optim.warmup_steps = 2
+    c.log_every = 5
+    c.eval_every = 10
+    c.eval_max_studies = 0
+    c.ckpt_every = 10
+    c.eval_batch_size = 8
+    c.zero_shot_prompts = "merlin"  # the smallest prompt set: its numbers mean nothing here
 
 
 def _accelerator_phantom(c: ml_collections.ConfigDict) -> None:

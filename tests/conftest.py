@@ -8,11 +8,28 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices; XLA:CPU code generation without LLVM optimisation: the tests' programs are tiny
+# and compiled once each, so compiling them takes most of the suite's time (about a third less at O0,
+# BUILD_NOTES "Test suite and CI"); the computations and their results are XLA's either way.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
+import atexit
+import shutil
+import tempfile
+
+import jax
 import pytest
 
 from vljax.data.phantom import PhantomConfig, generate_phantom
+
+# One persistent compilation cache for the session: the end-to-end tests build the same train step,
+# evaluator and initialiser in several runs (new jitted closures each time), and XLA compiles each
+# distinct program once instead of once per run. Results are the same executable's either way.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="vljax-test-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SMALL_PHANTOM = PhantomConfig(num_studies=24, seed=7, workers=1)
 
@@ -21,4 +38,23 @@ SMALL_PHANTOM = PhantomConfig(num_studies=24, seed=7, workers=1)
 def phantom_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
     generate_phantom(out, SMALL_PHANTOM, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_hf_bert_dir(tmp_path_factory):
+    """A Hugging Face BERT folder like the shipped MiniLM's (its tokenizer files, config.json,
+    model.safetensors written by `transformers`), with a 2-layer, 32-wide random encoder: the
+    "pretrained" code paths (loading, a locked tower, its caches) at a fraction of MiniLM's cost."""
+    import transformers
+
+    from vljax.assets import minilm_dir
+
+    out = tmp_path_factory.mktemp("small_hf_bert")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_dir() / name, out / name)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=512)
+    transformers.set_seed(0)
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
     return out

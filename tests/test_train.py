@@ -1,5 +1,7 @@
-"""End-to-end trainer tests on a tiny config: one-step smoke run, exact resumption after a stop,
-checkpoint round trip, NaN stop, config parsing and the missing-data error.
+"""End-to-end trainer tests on `configs/merlin.py:tiny`. One 4-step run (`full_run`) serves the
+results, logs, progress and chart checks, the evaluator's compile count, the evaluate and diagnose
+commands, one-step sanity, exact resumption after a stop and the resume refusals; then the NaN stop
+and the errors raised before any work.
 
 The tiny model (ResNet-18 width 4 on 16x16x8 volumes, a 2-layer BERT) compiles in seconds; runs use
 the session's 24-study phantom and the 8 fake CPU devices of conftest.py (global batch 8).
@@ -7,93 +9,64 @@ the session's 24-study phantom and the 8 fake CPU devices of conftest.py (global
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import pathlib
 import re
 import shutil
 
-from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import config_flags
 
 from configs import merlin
-from vljax import train
+from vljax import checkpointing, inputs, train
+from tests.runs import absl_messages as _absl_messages
+from tests.runs import check_run_stats as _check_run_stats
+from tests.runs import load_state as _load_state
+from tests.runs import tiny_config
+
 
 CONFIG_PATH = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "merlin.py")
 
 
-def tiny_config(data_dir, total_steps: int = 4):
-    c = merlin.get_config("phantom")
-    c.data.dir = str(data_dir)
-    # The fixture's own phantom identity: with the recipe's (6,000 studies, seed 0) the trainer would
-    # regenerate the fixture folder at that size.
-    phantom = json.loads((pathlib.Path(data_dir) / "phantom_info.json").read_text())["config"]
-    c.data.update(phantom_studies=phantom["num_studies"], phantom_seed=phantom["seed"],
-                  phantom_signs=phantom["signs"])
-    c.data.shape = (16, 16, 8)
-    c.data.spacing = (24.0, 24.0, 40.0)
-    c.data.workers = 0
-    c.data.max_text_len = 64
-    c.model.image.update(depth=18, width=4)
-    c.model.text.update(init="scratch", size="tiny", trainable=True, pooling="cls")
-    c.model.embed_dim = 16
-    c.total_steps = total_steps
-    c.batch_size = 8
-    c.optim.warmup_steps = 1
-    c.log_every = 1
-    c.eval_every = 0
-    c.ckpt_every = 2
-    c.eval_batch_size = 8
-    return c
-
-
-def _load_state(workdir, config, step):
-    """Restores the checkpointed train state of `workdir` at `step` as numpy."""
-    mesh = train.make_mesh()
-    from vljax.data.manifest import load_manifest
-
-    model = train.abstract_model(train.model_spec(config, load_manifest(config.data.dir)), config.seed)
-    tx, _ = train.make_optimizer(config)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = train.abstract_train_state(model, tx, config.seed, rep)
-    mngr = train.checkpoint_manager(pathlib.Path(workdir), config)
-    try:
-        return jax.tree.map(np.asarray, train.restore_state(mngr, step, abstract))
-    finally:
-        mngr.close()
-
-
-@contextlib.contextmanager
-def _absl_messages():
-    """The messages absl logs at INFO and above inside the block, as a list."""
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def full_run(phantom_dir, tmp_path_factory):
-    """An uninterrupted 4-step run (checkpoints at 2 and 4): workdir, config, final results, log."""
+    """An uninterrupted 4-step run (checkpoints at 2 and 4, validation after steps 1, 2 and 3):
+    workdir, config, final results, log. `EVALUATOR_COMPILES` gets the evaluator's compile counts
+    after each of its evaluations."""
+    from vljax import evaluator
+
     workdir = tmp_path_factory.mktemp("full_run")
     config = tiny_config(phantom_dir)
-    with _absl_messages() as messages:
+    config.eval_every = 1
+    real = evaluator.Evaluator.evaluate
+
+    def evaluate(self, *a, **k):
+        out = real(self, *a, **k)
+        EVALUATOR_COMPILES.append(self.compile_counts())
+        return out
+
+    EVALUATOR_COMPILES.clear()
+    with pytest.MonkeyPatch.context() as mp, _absl_messages() as messages:
+        mp.setattr(evaluator.Evaluator, "evaluate", evaluate)
         result = train.train_and_evaluate(config, workdir)
     return workdir, config, result, messages
+
+
+EVALUATOR_COMPILES: list[dict] = []
+
+
+def test_periodic_evaluations_compile_the_evaluator_once(full_run):
+    workdir, _, _, messages = full_run
+    assert len(EVALUATOR_COMPILES) == 4  # val after steps 1, 2, 3; test at the end
+    first = EVALUATOR_COMPILES[0]
+    assert first["image"] == 1 and first["logit_scale"] == 1 and first["text"] >= 1
+    assert EVALUATOR_COMPILES[1] == first and EVALUATOR_COMPILES[2] == first  # nothing compiled again
+    assert EVALUATOR_COMPILES[3]["image"] == 1  # the test split reuses the image function too
+    assert sum("step 2 val:" in m for m in messages) == 1
+    lines = [json.loads(x) for x in (workdir / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "val/loss" in x] == [1, 2, 3]
 
 
 def test_run_writes_results_checkpoints_and_logs(full_run):
@@ -149,39 +122,10 @@ def test_run_logs_progress_and_a_zero_shot_summary_and_draws_the_chart(full_run)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert f"zero-shot chart -> {chart}" in messages
     # The geometry recipe, as config.json and results.json record it.
-    geometry = {"name": "cpu", "backend": "cpu", "spacing_mm": [24.0, 24.0, 40.0], "shape": [16, 16, 8]}
+    geometry = {"name": "tiny", "backend": None, "spacing_mm": [24.0, 24.0, 40.0], "shape": [16, 16, 8]}
     assert json.loads((workdir / "results.json").read_text())["geometry"] == geometry
     saved = json.loads((workdir / "config.json").read_text())["data"]
-    assert (saved["geometry"], saved["geometry_backend"]) == ("cpu", "cpu")
-
-
-def _check_run_stats(workdir, config, batches):
-    """run_stats.json against a recount of the studies the run logged, with the manifest's labels."""
-    from vljax.data import sampling
-    from vljax.data.findings import FINDINGS, SECTION_FINDINGS
-    from vljax.data.manifest import load_manifest
-
-    stats = json.loads((workdir / "run_stats.json").read_text())
-    assert stats["total_steps"] == len(batches) == config.total_steps
-    labels = {r.study_id: np.array(r.labels) for r in load_manifest(config.data.dir).split("train")}
-    fractions, per_unit = [], {}
-    for b in batches:
-        per_unit[b["unit"]] = per_unit.get(b["unit"], 0) + 1
-        cols = (range(len(FINDINGS)) if b["unit"] == "full" else
-                [FINDINGS.index(f) for f in SECTION_FINDINGS[b["unit"]]])
-        abnormal = [bool((labels[sid][list(cols)] == 1).any()) for sid in b["studies"]]
-        fractions.append(1 - sum(abnormal) / len(abnormal))
-    assert {k: v for k, v in stats["steps_per_unit"].items() if v} == per_unit
-    assert stats["unique_studies_seen"] == len({sid for b in batches for sid in b["studies"]})
-    got = stats["normal_fraction_per_batch"]["all"]
-    assert (got["min"], got["max"]) == (min(fractions), max(fractions))
-    assert got["mean"] == pytest.approx(np.mean(fractions))
-    assert stats["seeds"] == {"model": config.seed, "data_order": config.data_seed, "subset": config.subset_seed}
-    assert stats["schedule"]["kind"] == ("full" if config.data.sampling == "random" else "alternating")
-    if config.data.sampling != "random":
-        assert [b["unit"] for b in batches][::2] == ["full"] * len(batches[::2])
-        assert [b["unit"] for b in batches][1::2] == list(stats["schedule"]["sections"])[:len(batches[1::2])]
-    return stats, fractions
+    assert (saved["geometry"], saved["geometry_backend"]) == ("tiny", None)
 
 
 def test_evaluate_cli_reproduces_the_final_results(full_run):
@@ -200,18 +144,24 @@ def test_evaluate_cli_reproduces_the_final_results(full_run):
 
 
 def test_evaluation_with_volumes_preprocessed_in_parallel_is_identical(full_run, monkeypatch):
-    from vljax import evaluate
+    from vljax import evaluator as evaluator_lib
+    from vljax.checkpointing import load_run
+    from vljax.data import pipeline
 
     workdir, _, _, _ = full_run
-    run = evaluate.load_run(workdir)
+    run = load_run(workdir)
     records = run["manifest"].split("test")
-    args = (run["config"], run["model"], run["params"], run["rest"], records, run["tokenizer"], run["mesh"])
-    want = train.evaluate_split(*args)
+
+    def evaluate():
+        ev = evaluator_lib.Evaluator(run["config"], run["model"], run["mesh"], run["tokenizer"])
+        return ev.evaluate(run["params"], run["rest"], records)
+
+    want = evaluate()
     calls = []
-    real = train.pipeline.preload_volumes
-    monkeypatch.setattr(train.pipeline, "preload_volumes", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k))[1])
-    monkeypatch.setattr(train, "EVAL_PRELOAD_MIN_STUDIES", 1)
-    got = train.evaluate_split(*args)
+    real = pipeline.preload_volumes
+    monkeypatch.setattr(pipeline, "preload_volumes", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k))[1])
+    monkeypatch.setattr(evaluator_lib, "PRELOAD_MIN_STUDIES", 1)
+    got = evaluate()
     assert calls == [len(records)]
     assert got == want
 
@@ -234,7 +184,7 @@ def test_diagnose_reproduces_zero_shot_and_measures_each_side(full_run):
     sup = d["supervised_ceiling"]
     assert sup["val_threshold"]["baselines"] == saved["baselines"]  # same test studies and findings
     assert sup["steps"] == 3 and sup["batch_size"] == config.batch_size and math.isfinite(sup["final_train_bce"])
-    assert d["image_probe"]["train_studies"] == len(train.train_records(config, train.resolve_data(config, workdir)))
+    assert d["image_probe"]["train_studies"] == len(inputs.train_records(config, inputs.resolve_data(config, workdir)))
     assert "probe AUROC" in diagnose.format_report(d)
 
 
@@ -281,45 +231,15 @@ def test_resume_with_a_different_geometry_is_refused(full_run, phantom_dir):
     saved = json.loads((workdir / "config.json").read_text())
     elsewhere = tiny_config(phantom_dir)
     elsewhere.data.geometry_backend = None  # same recipe, given as geometry=cpu or resolved elsewhere
-    train.check_resumable(saved, elsewhere)
+    checkpointing.check_resumable(saved, elsewhere)
     grown = tiny_config(phantom_dir)
     grown.data.update(geometry="accelerator", spacing=(6.0, 6.0, 8.0), shape=(72, 72, 48))
     with pytest.raises(ValueError, match=r"fields data\.geometry, data\.shape, data\.spacing\)"):
-        train.check_resumable(saved, grown)
+        checkpointing.check_resumable(saved, grown)
     finer = tiny_config(phantom_dir)
     finer.data.spacing = (12.0, 12.0, 20.0)
     with pytest.raises(ValueError, match=r"fields data\.spacing\)"):
-        train.check_resumable(saved, finer)
-
-
-def test_checkpoint_round_trip_is_exact(phantom_dir, tmp_path):
-    config = tiny_config(phantom_dir)
-    mesh = train.make_mesh()
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    from vljax.data.manifest import load_manifest
-
-    model = train.abstract_model(train.model_spec(config, load_manifest(phantom_dir)), config.seed)
-    tx, _ = train.make_optimizer(config)
-    params, rest = train.init_model(model, config.seed, rep)
-    state = train.new_train_state(params, rest, tx, config.seed)
-    # Non-trivial optimiser moments and counters, so that every leaf is checked.
-    state["opt_state"] = jax.tree.map(lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3,
-                                      state["opt_state"])
-    state["step"] = jnp.asarray(7, jnp.int32)
-    mngr = train.checkpoint_manager(tmp_path, config)
-    import orbax.checkpoint as ocp
-
-    mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         config=ocp.args.JsonSave(train._config_json(config))))
-    mngr.wait_until_finished()
-    mngr.close()
-    restored = _load_state(tmp_path, config, 7)
-    flat_a = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state))[0]
-    flat_b = jax.tree_util.tree_flatten_with_path(restored)[0]
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b):
-        assert x.dtype == y.dtype, path
-        np.testing.assert_array_equal(x, y, err_msg=str(path))
+        checkpointing.check_resumable(saved, finer)
 
 
 def test_nan_loss_stops_the_run_and_names_the_step(phantom_dir, tmp_path):
@@ -339,136 +259,11 @@ def test_nan_loss_stops_the_run_and_names_the_step(phantom_dir, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.fixture(scope="module")
-def phantom_100(tmp_path_factory):
-    from vljax.data.phantom import PhantomConfig, generate_phantom
-
-    out = tmp_path_factory.mktemp("phantom_100")
-    generate_phantom(out, PhantomConfig(num_studies=100, seed=3, workers=2), log=lambda *_: None)
-    return out
-
-
-def test_balanced_alternating_run_end_to_end(phantom_100, tmp_path):
-    """The published setting (balanced 25:75 on the alternating schedule) through the trainer: every
-    logged batch holds exactly 2 normal studies of 8, on the documented schedule."""
-    config = tiny_config(phantom_100, total_steps=4)
-    config.data.sampling = "balanced"
-    config.data.balance_ratio = 0.25
-    config.data.sections = ("lower_thorax", "liver", "kidneys", "circulatory")
-    config.data.train_fraction = 0.8
-    train.train_and_evaluate(config, tmp_path)
-    batches = [json.loads(x) for x in (tmp_path / "train_batches.jsonl").read_text().splitlines()]
-    assert [b["unit"] for b in batches] == ["full", "lower_thorax", "full", "liver"]
-    stats, fractions = _check_run_stats(tmp_path, config, batches)
-    assert fractions == [0.25] * 4
-    from vljax.data.manifest import load_manifest
-
-    subset = {r.study_id for r in train.train_records(config, load_manifest(phantom_100))}
-    assert len(subset) == stats["train_studies"] == round(0.8 * len(load_manifest(phantom_100).split("train")))
-    assert {sid for b in batches for sid in b["studies"]} <= subset
-
-
 def test_sampling_settings_are_checked_before_any_work(tmp_path):
     config = merlin.get_config("phantom,sampling=balanced,balance_ratio=1.5")
     with pytest.raises(ValueError, match=r"config\.data\.balance_ratio=1\.5"):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "phantom").exists()
-
-
-# --------------------------------------------------------------------------------------------------
-# Config handling
-# --------------------------------------------------------------------------------------------------
-
-
-def test_config_argument_parsing():
-    assert merlin.parse_arg("phantom,seed=3,steps=10") == {"phantom": True, "seed": 3, "steps": 10}
-    assert merlin.parse_arg("") == {}
-    c = merlin.get_config("phantom,seed=3,batch=16")
-    assert c.seed == 3 and c.batch_size == 16 and c.data.phantom
-    full = merlin.get_config()
-    assert full.model.image.depth == 152 and tuple(full.data.shape) == (224, 224, 160)
-    assert tuple(full.data.spacing) == (1.5, 1.5, 3.0) and not full.data.phantom
-    with pytest.raises(ValueError, match="unknown argument 'phantm'"):
-        merlin.get_config("phantm")
-    with pytest.raises(ValueError, match="not a valid int"):
-        merlin.get_config("seed=x")
-    with pytest.raises(ValueError, match="needs a value"):
-        merlin.get_config("seed")
-    c = merlin.get_config("phantom,sampling=balanced,balance_ratio=0.25,train_fraction=0.4,subset_seed=2")
-    assert (c.data.sampling, c.data.balance_ratio, c.data.train_fraction, c.subset_seed) == ("balanced", 0.25, 0.4, 2)
-    with pytest.raises(ValueError, match="sampling='stratified'"):
-        merlin.get_config("sampling=stratified")
-
-
-def test_phantom_geometry_follows_the_backend_unless_given(monkeypatch):
-    assert merlin.resolve_geometry("auto", "cpu") == "cpu"
-    assert merlin.resolve_geometry("auto", "gpu") == merlin.resolve_geometry("auto", "tpu") == "accelerator"
-    assert merlin.resolve_geometry("cpu", "gpu") == "cpu" and merlin.resolve_geometry("accelerator", "cpu") == "accelerator"
-    with pytest.raises(ValueError, match="geometry='gpu'"):
-        merlin.resolve_geometry("gpu", "gpu")
-
-    cpu = merlin.get_config("phantom")  # the tests' backend is CPU (conftest.py)
-    assert (cpu.data.geometry, cpu.data.geometry_backend) == ("cpu", "cpu")
-    explicit_cpu = merlin.get_config("phantom,geometry=cpu").to_dict()
-    assert explicit_cpu["data"]["geometry_backend"] is None
-    cpu_dict = cpu.to_dict()
-    cpu_dict["data"]["geometry_backend"] = None
-    assert cpu_dict == explicit_cpu  # auto on CPU is exactly the CPU recipe of _phantom
-
-    def accelerator_values(c):
-        assert tuple(c.data.spacing) == (6.0, 6.0, 8.0) and tuple(c.data.shape) == (72, 72, 48)
-        assert c.total_steps == 12000 and c.model.image.width == 32 and c.eval_batch_size == 32
-        assert c.total_steps > cpu.total_steps and c.model.image.width > cpu.model.image.width
-        assert c.data.phantom and c.model.image.depth == cpu.model.image.depth and c.batch_size == cpu.batch_size
-
-    for backend in ("gpu", "tpu"):
-        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-        acc = merlin.get_config("phantom")
-        assert (acc.data.geometry, acc.data.geometry_backend) == ("accelerator", backend)
-        accelerator_values(acc)
-        assert train._config_json(acc)["data"]["geometry"] == "accelerator"  # what config.json holds
-        assert merlin.get_config("phantom,geometry=cpu").to_dict() == explicit_cpu
-    assert merlin.get_config("phantom,geometry=accelerator,steps=10").total_steps == 10
-
-    def no_backend():
-        raise AssertionError("an explicit geometry must not query (and so initialise) the backend")
-
-    monkeypatch.setattr(jax, "default_backend", no_backend)
-    explicit = merlin.get_config("phantom,geometry=accelerator")
-    assert (explicit.data.geometry, explicit.data.geometry_backend) == ("accelerator", None)
-    accelerator_values(explicit)
-    full = merlin.get_config()  # the real-data recipe: Merlin's geometry, no backend query
-    assert (full.data.geometry, full.data.geometry_backend) == ("merlin", None)
-    with pytest.raises(ValueError, match="phantom default only"):
-        merlin.get_config("geometry=accelerator")
-    with pytest.raises(ValueError, match=r"geometry='gpu'; choose one of \['auto', 'cpu', 'accelerator'\]"):
-        merlin.get_config("phantom,geometry=gpu")
-
-
-def _parse_flags(*argv):
-    fv = flags.FlagValues()
-    # config_flags registers the `--config.*` override flags from sys_argv at definition time.
-    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
-                                    sys_argv=["prog", *argv])
-    fv(["prog", *argv])
-    return fv.config
-
-
-def test_config_flag_overrides_and_unknown_keys():
-    c = _parse_flags(f"--config={CONFIG_PATH}:phantom,seed=2", "--config.optim.lr=0.125",
-                     "--config.data.dir=/some/where")
-    assert c.seed == 2 and c.optim.lr == 0.125 and c.data.dir == "/some/where"
-    with pytest.raises(Exception, match="nope"):
-        _parse_flags(f"--config={CONFIG_PATH}:phantom", "--config.optim.nope=1")
-    with pytest.raises(Exception, match="lr"):
-        _parse_flags(f"--config={CONFIG_PATH}", "--config.optim.lr=fast")
-    with pytest.raises(Exception, match="phantm"):
-        _parse_flags(f"--config={CONFIG_PATH}:phantm")
-    assert _parse_flags(f"--config={CONFIG_PATH}:phantom,geometry=accelerator").data.geometry == "accelerator"
-    with pytest.raises(Exception, match="geometry='fast'"):
-        _parse_flags(f"--config={CONFIG_PATH}:phantom,geometry=fast")
-    with pytest.raises(AttributeError):  # configs are locked: no new fields by mistake
-        c.optim.new_field = 1
 
 
 def test_missing_data_dir_stops_at_once_naming_the_setting(tmp_path):
@@ -481,134 +276,3 @@ def test_missing_data_dir_stops_at_once_naming_the_setting(tmp_path):
 # Locked pretrained text tower (the phantom default's text side)
 # --------------------------------------------------------------------------------------------------
 
-
-def test_bucketed_text_tower_equals_full_length_padding():
-    from flax import nnx
-
-    from vljax.data.pipeline import TextTable
-    from vljax.models import bert as bert_lib
-    from vljax.models.two_tower import TwoTower
-    from vljax.models.resnet3d import ResNet3D
-
-    rngs = nnx.Rngs(0)
-    model = TwoTower(ResNet3D(18, width=4, rngs=rngs), bert_lib.BertModel(bert_lib.BertConfig.tiny(), rngs=rngs),
-                     embed_dim=8, pooling="mean", rngs=rngs)
-    rng = np.random.default_rng(0)
-    n, max_len = 37, 96
-    lengths = rng.integers(3, max_len + 1, n)
-    mask = (np.arange(max_len)[None] < lengths[:, None]).astype(np.int32)
-    ids = np.where(mask > 0, rng.integers(1, 1000, (n, max_len)), 0).astype(np.int32)
-    fn = jax.jit(lambda i, m: model.text_features(i, m, train=False))
-    got = train.run_text_tower(TextTable(ids, mask), fn, batch=8, bucket=16)
-    want = np.asarray(fn(ids, mask))
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("pooling", ["map", "sentence_mean"])
-def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phantom_dir, tmp_path, pooling):
-    config = tiny_config(phantom_dir, total_steps=2)
-    config.model.text.update(init="pretrained", pooling=pooling, trainable=False)
-    config.ckpt_every = 1
-    train.train_and_evaluate(config, tmp_path)
-    s1, s2 = _load_state(tmp_path, config, 1), _load_state(tmp_path, config, 2)
-    for x, y in zip(jax.tree.leaves(s1["params"]["text_tower"]), jax.tree.leaves(s2["params"]["text_tower"])):
-        np.testing.assert_array_equal(x, y)            # AdamW neither updates nor decays it
-    trainable = ("text_pool", "text_proj", "image_proj") if pooling == "map" else ("text_proj", "image_proj")
-    for name in trainable:  # the trainable parts do learn
-        assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(s1["params"][name]),
-                                                            jax.tree.leaves(s2["params"][name]))), name
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["zero_shot"]["macro_f1"] is not None
-    if pooling == "sentence_mean":
-        return  # its features: test_sentence_features_are_the_mean_of_each_sentence_embedded_alone_...
-    # The cached token states equal the pretrained tower's output (float16 storage).
-    from vljax.data.manifest import load_manifest
-    from vljax.models.bert import load_hf_bert
-
-    bert, _ = load_hf_bert()
-    records = load_manifest(phantom_dir).split("train")[:6]
-    table = train.text_table(config, train.tokenizer_for(config), records)
-    cached = train.cache_text_features(table, jax.jit(lambda i, m: bert(i, m))).hidden(np.arange(len(table)))
-    want = np.asarray(bert(table.input_ids, table.attention_mask))
-    real = table.attention_mask > 0
-    np.testing.assert_allclose(cached[real].astype(np.float32), want[real], rtol=2e-3, atol=2e-3)
-    assert not cached[~real].any()
-
-
-def test_sentence_features_are_the_mean_of_each_sentence_embedded_alone_by_transformers(monkeypatch):
-    """`sentence_features` (our Flax MiniLM, mean-pooled, one tower call per distinct sentence)
-    against the PyTorch `transformers` MiniLM run on every sentence by itself."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from vljax.data import reports
-    from vljax.models.bert import default_bert_dir, load_hf_bert
-    from vljax.models.resnet3d import ResNet3D
-    from vljax.models.two_tower import TwoTower
-    from flax import nnx
-
-    texts = [reports.normalize_report_text(t) for t in (
-        "Liver: The liver measures 17.5 cm. No steatosis.",
-        "Spleen: Normal. No splenomegaly.",
-        "Liver: The liver measures 17.5 cm. Hepatic steatosis.",
-        "No splenomegaly.")]
-    bert, _ = load_hf_bert()
-    model = TwoTower(ResNet3D(18, width=4, rngs=nnx.Rngs(0)), bert, embed_dim=8, pooling="sentence_mean",
-                     rngs=nnx.Rngs(0))
-    pooled_fn = jax.jit(lambda i, m: model.text_features(i, m, train=False))
-    tok = train.reports_lib.load_tokenizer(None)
-    calls = []
-    real = train.run_text_tower
-    monkeypatch.setattr(train, "run_text_tower", lambda t, *a, **k: (calls.append(len(t)), real(t, *a, **k))[1])
-    got = train.sentence_features(texts, tok, pooled_fn, max_len=64)
-    assert calls == [7]  # 11 sentences, 7 distinct: each through the tower once
-
-    ref = transformers.BertModel.from_pretrained(str(default_bert_dir()), local_files_only=True,
-                                                 attn_implementation="eager").eval()
-    want = []
-    for text in texts:
-        rows = []
-        for sentence in reports.split_sentences(text):
-            enc = tok(sentence, return_tensors="pt")
-            with torch.no_grad():
-                h = ref(**enc).last_hidden_state[0].numpy()
-            rows.append(h.mean(axis=0))  # every token is real: one sentence, no padding
-        want.append(np.mean(rows, axis=0))
-    np.testing.assert_allclose(got, np.array(want), atol=2e-4, rtol=1e-3)
-    np.testing.assert_array_equal(got[1][None], train.sentence_features(texts[1:2], tok, pooled_fn, 64))
-    with pytest.raises(ValueError, match="text 1 has no sentence"):
-        train.sentence_features(["ok .", "  "], tok, pooled_fn, 64)
-
-
-def test_sentence_pooling_needs_a_locked_text_tower():
-    from vljax.models import two_tower
-
-    config = merlin.get_config("phantom")
-    config.model.text.update(pooling="sentence_mean", trainable=True)
-    with pytest.raises(ValueError, match="locked text tower"):
-        two_tower.ModelSpec.from_config(config.model)
-
-
-def test_text_cache_runs_the_tower_once_per_distinct_text_and_matches_a_full_run(monkeypatch):
-    from vljax.data import pipeline
-
-    rng = np.random.default_rng(0)
-    distinct = rng.integers(1, 50, size=(5, 12)).astype(np.int32)
-    lengths = np.array([12, 3, 7, 1, 9])
-    rows = np.array([2, 0, 2, 4, 1, 0, 3, 2, 4])  # copies of the same text, out of order
-    mask = (np.arange(12)[None] < lengths[rows][:, None]).astype(np.int32)
-    table = pipeline.TextTable(distinct[rows] * mask, mask)
-    emb = rng.standard_normal((50, 6)).astype(np.float32)
-
-    def text_fn(i, m):  # token states that depend on the whole row (a prefix sum over positions)
-        return jnp.cumsum(jnp.asarray(emb)[i] * m[..., None], axis=1)
-
-    full, offsets = train.run_text_tower(table, text_fn, out_dtype=np.float16, ragged=True)
-    sizes = []
-    real = train.run_text_tower
-    monkeypatch.setattr(train, "run_text_tower", lambda t, *a, **k: (sizes.append(len(t)), real(t, *a, **k))[1])
-    cached = train.cache_text_features(table, text_fn)
-    assert sizes == [5]  # the tower ran on the 5 distinct texts only
-    np.testing.assert_array_equal(cached.offsets, offsets)
-    np.testing.assert_array_equal(cached.features, full)  # and every row got its own text's states
-    np.testing.assert_array_equal(cached.hidden(np.array([1]))[0], cached.hidden(np.array([5]))[0])

@@ -83,14 +83,14 @@ def bench_data(files: list[pathlib.Path], repeats: int) -> None:
 
 def bench_pipeline(config, root: pathlib.Path, batches: int, workers: int) -> None:
     """Batches/s of the trainer's Grain source (0 and `workers` processes) on the data in `root`."""
-    from vljax import train
+    from vljax import inputs
     from vljax.data import pipeline
     from vljax.data.manifest import load_manifest
 
     config.data.dir = str(root)
     manifest = load_manifest(root)
-    tokenizer = train.tokenizer_for(config)
-    source = train.train_source(config, manifest, tokenizer)  # token ids; a locked tower's cache is start-up cost
+    tokenizer = inputs.tokenizer_for(config)
+    source = inputs.train_source(config, manifest, tokenizer)  # token ids; a locked tower's cache is start-up cost
     files = [r.image for r in source.loader.records]
     b = config.batch_size
     t_floor = _best_of(lambda: [gzip.decompress(pathlib.Path(f).read_bytes()) for f in files[:64]], 2) / min(64, len(files))
@@ -126,10 +126,9 @@ def _compiled_step(config, batch: int, text_size: str | None):
     import types
 
     import jax
-    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from vljax import train
+    from vljax import checkpointing, inputs, modeling, update
 
     config.batch_size = batch
     if text_size:
@@ -138,26 +137,13 @@ def _compiled_step(config, batch: int, text_size: str | None):
     rep = NamedSharding(mesh, P())
     phen = 16 if config.model.phenotype_weight > 0 else 0
     fake_manifest = types.SimpleNamespace(phenotype_codes=tuple(f"code{i}" for i in range(phen)))
-    model = train.abstract_model(train.model_spec(config, fake_manifest), config.seed)
-    tx, schedule = train.make_optimizer(config)
-    state = train.abstract_train_state(model, tx, config.seed, rep)
-    x, y, z = config.data.shape
+    model = modeling.abstract_model(modeling.model_spec(config, fake_manifest), config.seed)
+    tx, schedule = update.make_optimizer(config)
+    state = checkpointing.abstract_train_state(model, tx, config.seed, rep)
     data_sharding = NamedSharding(mesh, P("data"))
-    vol_dtype = jnp.bfloat16 if config.data.dtype == "bfloat16" else jnp.float32
-    b = {"image": jax.ShapeDtypeStruct((batch, z, x, y), vol_dtype, sharding=data_sharding)}
-    L = config.data.max_text_len
-    hidden = model.spec.text_config().hidden_size
-    if config.model.text.trainable:
-        b["input_ids"] = jax.ShapeDtypeStruct((batch, L), jnp.int32, sharding=data_sharding)
-    elif config.model.text.pooling == "sentence_mean":  # locked tower: the texts' pooled features
-        b["text_pooled"] = jax.ShapeDtypeStruct((batch, hidden), jnp.float32, sharding=data_sharding)
-    else:  # locked text tower: cached token states
-        b["text_hidden"] = jax.ShapeDtypeStruct((batch, L, hidden), jnp.float16, sharding=data_sharding)
-    if "text_pooled" not in b:
-        b["attention_mask"] = jax.ShapeDtypeStruct((batch, L), jnp.int32, sharding=data_sharding)
-    if phen:
-        b["phenotypes"] = jax.ShapeDtypeStruct((batch, phen), jnp.int8, sharding=data_sharding)
-    step = jax.jit(train.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0)
+    spec = inputs.batch_spec(config, num_phenotypes=phen, hidden_size=model.spec.text_config().hidden_size)
+    b = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding) for k, (shape, dtype) in spec.items()}
+    step = jax.jit(update.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, b).compile()
     print(f"compile: {time.perf_counter() - t0:.1f} s")

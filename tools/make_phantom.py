@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--spacing", type=float, nargs=3, default=(6.0, 6.0, 8.0), metavar=("X", "Y", "Z"),
                    help="nominal voxel size in mm (varied per study)")
     p.add_argument("--signs", default="designed", choices=("designed", "anatomic"),
-                   help="finding conspicuity profile (vljax/data/phantom_signs.py)")
+                   help="finding conspicuity profile (vljax/data/phantom/signs.py)")
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--no-vary-orientation", action="store_true", help="store every study as RAS")
     p.add_argument("--force", action="store_true", help="regenerate even if the same phantom is already there")

@@ -37,17 +37,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vljax import evaluate, losses, train
+from vljax import cli, inputs, losses, update
+from vljax.checkpointing import load_run
 from vljax.data import ct as ct_lib
 from vljax.data import pipeline, sampling
 from vljax.data.findings import FINDING_SECTION, FINDINGS
 from vljax.evals import diagnostics, zero_shot
+from vljax.evaluator import Evaluator
 from vljax.models.resnet3d import ResNet3D
 
-_WORKDIR = train._WORKDIR
-_SPLIT = evaluate._SPLIT
-_STEP = evaluate._STEP
-_DATA_DIR = evaluate._DATA_DIR
+_WORKDIR = cli.workdir()
+_SPLIT = cli.split()
+_STEP = cli.step()
+_DATA_DIR = cli.data_dir()
 _PROBE_TRAIN = flags.DEFINE_integer("probe_train", 400, "training studies for the ridge probe (0: all)")
 _SUPERVISED = flags.DEFINE_bool("supervised", False, "also train the label-supervised image tower")
 _SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 0, "its steps (0: the run's total_steps)")
@@ -66,34 +68,6 @@ def _protocol(scores: np.ndarray, labels: np.ndarray) -> dict:
     out = _summary(zero_shot.zero_shot_metrics(scores, labels, seed=0))
     out["best_threshold"] = diagnostics.best_threshold_metrics(scores, labels)
     return out
-
-
-def _image_fns(run: dict):
-    """Jitted (pooled features, projected embeddings) of a volume batch, in evaluation mode."""
-    graphdef = run["model"].graphdef
-
-    @jax.jit
-    def both(params, rest, image):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        return model.image_features(image, train=False), model.encode_image(image, train=False)
-
-    return both
-
-
-def _embed_images(run: dict, records) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled image features, image embeddings) of `records`, in order."""
-    config, mesh = run["config"], run["mesh"]
-    texts = train.text_table(config, run["tokenizer"], records)
-    source = pipeline.EvalBatches(records, texts, config.eval_batch_size, train.ct_config(config))
-    feats, emb = [], []
-    for i in range(len(source)):
-        batch = source[i]
-        valid = batch["valid"].astype(bool)
-        image = pipeline.to_global({"image": batch["image"]}, mesh)["image"]
-        f, e = run["image_fn"](run["params"], run["rest"], image)
-        feats.append(np.asarray(f)[valid])
-        emb.append(np.asarray(e)[valid])
-    return np.concatenate(feats), np.concatenate(emb)
 
 
 def text_side(run: dict, records, labels: np.ndarray, phrase_emb: np.ndarray,
@@ -135,12 +109,12 @@ class _Classifier(nnx.Module):
 def supervised_ceiling(config: ml_collections.ConfigDict, train_records, eval_records, *, steps: int,
                        seed: int = 0, val_records=()) -> dict:
     """Trains the run's image tower + a linear head on the 30 labels (masked BCE, -1 ignored) with the
-    run's batch size and optimiser (`train.make_optimizer`, schedule over `steps`); metrics on
+    run's batch size and optimiser (`update.make_optimizer`, schedule over `steps`); metrics on
     `eval_records` with the fixed rule (logit > 0) and, given `val_records`, with per-finding
     thresholds chosen on them. Batches: seeded epoch permutations of the training studies."""
     if steps < 1:
         raise ValueError(f"supervised steps must be >= 1, got {steps}")
-    cfg = train.ct_config(config)
+    cfg = inputs.ct_config(config)
     volumes = int(np.prod(cfg.shape)) * 4 * (len(train_records) + len(eval_records) + len(val_records))
     if volumes > _MAX_CACHED_BYTES:
         raise ValueError(f"--supervised holds every volume in memory: {volumes / 2**30:.1f} GiB for "
@@ -157,7 +131,7 @@ def supervised_ceiling(config: ml_collections.ConfigDict, train_records, eval_re
     opt_config.total_steps = steps
     opt_config.optim.warmup_steps = min(int(config.optim.warmup_steps), steps - 1)
     opt_config.model.text.trainable = True  # no text tower here
-    tx, _ = train.make_optimizer(opt_config)
+    tx, _ = update.make_optimizer(opt_config)
     opt_state = tx.init(params)
 
     @jax.jit
@@ -204,25 +178,24 @@ def supervised_ceiling(config: ml_collections.ConfigDict, train_records, eval_re
 
 def diagnose_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1, data_dir: str | None = None,
                  *, probe_train: int = 400, supervised: bool = False, supervised_steps: int = 0) -> dict:
-    run = evaluate.load_run(workdir, step, data_dir)
+    run = load_run(workdir, step, data_dir)
     config, manifest = run["config"], run["manifest"]
-    run["embed_texts"] = train.make_text_embedder(run["model"], run["mesh"], run["params"], run["rest"],
-                                                  run["tokenizer"], config.data.max_text_len)
-    run["image_fn"] = _image_fns(run)
+    evaluator = Evaluator(config, run["model"], run["mesh"], run["tokenizer"])
+    params, rest = run["params"], run["rest"]
+    run["embed_texts"] = lambda texts: evaluator.embed_texts(params, rest, texts)
     records = manifest.split(split)
-    labels = np.array([r.labels for r in records], np.int8)
-    table = zero_shot.prompt_table(zero_shot.prompts_for(config.get("zero_shot_prompts", "merlin")))
+    table = evaluator.prompts
     phrase_emb = run["embed_texts"](table.texts)
 
-    image_feat, image_emb = _embed_images(run, records)
-    train_records = train.train_records(config, manifest)
+    image_feat, image_emb, labels = evaluator.embed_images(params, rest, records)
+    train_records = inputs.train_records(config, manifest)
     probe_records = train_records if not probe_train else train_records[:probe_train]
-    probe_feat, _ = _embed_images(run, probe_records)
+    probe_feat, _, probe_labels = evaluator.embed_images(params, rest, probe_records)
     out = {
         "workdir": str(workdir), "split": split, "step": run["step"], "num_studies": len(records),
         "zero_shot": _protocol(zero_shot.zero_shot_scores(image_emb, phrase_emb, table), labels),
         "text_as_query": text_side(run, records, labels, phrase_emb, table),
-        "image_probe": dict(diagnostics.ridge_probe(probe_feat, np.array([r.labels for r in probe_records]),
+        "image_probe": dict(diagnostics.ridge_probe(probe_feat, probe_labels,
                                                     image_feat, labels), train_studies=len(probe_records)),
     }
     if supervised:

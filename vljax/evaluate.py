@@ -11,59 +11,23 @@ trainer calls the same code at the end of training.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from absl import app, flags, logging
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
-import ml_collections
 
-from vljax import train
-from vljax.evals import report, zero_shot
+from vljax import cli, run_files
+from vljax.checkpointing import load_run
+from vljax.evals import prompts as prompts_lib
+from vljax.evals import report
+from vljax.evaluator import Evaluator
 
-_WORKDIR = train._WORKDIR  # the trainer's --workdir flag (defined once per process)
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "split to evaluate")
-_STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "override config.data.dir (data moved since training)")
-_PROMPTS = flags.DEFINE_enum("prompts", None, list(zero_shot.PROMPT_SETS),
+_WORKDIR = cli.workdir()
+_SPLIT = cli.split()
+_STEP = cli.step()
+_DATA_DIR = cli.data_dir()
+_PROMPTS = flags.DEFINE_enum("prompts", None, list(prompts_lib.PROMPT_SETS),
                              "zero-shot prompt set (default: the run's config.zero_shot_prompts)")
-
-
-def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None = None) -> dict:
-    """Config, data, model and restored state of checkpoint `step` (-1: the latest) of a run.
-
-    Returns a dict with config, manifest, tokenizer, mesh, model, params, rest and step.
-    """
-    workdir = pathlib.Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: --workdir must be a directory written by "
-                                "vljax.train")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    if data_dir:
-        config.data.dir = data_dir
-    manifest = train.resolve_data(config, workdir)
-    tokenizer = train.tokenizer_for(config)
-    mesh = train.make_mesh()
-    replicated = NamedSharding(mesh, P())
-    model = train.abstract_model(train.model_spec(config, manifest), config.seed)
-    tx, _ = train.make_optimizer(config)
-    abstract = train.abstract_train_state(model, tx, config.seed, replicated)
-    mngr = train.checkpoint_manager(workdir, config)
-    try:
-        steps = mngr.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {workdir / 'checkpoints'}")
-        if step < 0:
-            step = max(steps)
-        elif step not in steps:
-            raise ValueError(f"no checkpoint at step {step}; available: {sorted(steps)}")
-        state = train.restore_state(mngr, step, abstract)
-    finally:
-        mngr.close()
-    return dict(config=config, manifest=manifest, tokenizer=tokenizer, mesh=mesh, model=model,
-                params=state["params"], rest=state["rest"], step=step)
 
 
 def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -1,
@@ -75,13 +39,13 @@ def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
     run = load_run(workdir, step, data_dir)
     config = run["config"]
     if prompts:
-        zero_shot.prompts_for(prompts)  # an unknown name fails here, before any work
+        prompts_lib.prompts_for(prompts)  # an unknown name fails here, before any work
         config.zero_shot_prompts = prompts
-    result = train.evaluate_split(config, run["model"], run["params"], run["rest"],
-                                  run["manifest"].split(split), run["tokenizer"], run["mesh"])
+    evaluator = Evaluator(config, run["model"], run["mesh"], run["tokenizer"])
+    result = evaluator.evaluate(run["params"], run["rest"], run["manifest"].split(split))
     path = None
     if jax.process_index() == 0:
-        path = train.write_results(pathlib.Path(workdir), split, run["step"], result, config)
+        path = run_files.write_results(pathlib.Path(workdir), split, run["step"], result, config)
         report.write_report(result["zero_shot"], split, workdir, step=run["step"], log=logging.info)
     return result, path
 

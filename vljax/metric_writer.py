@@ -33,7 +33,7 @@ def _to_float(key: str, value: Any) -> float:
     return float(arr)
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """Nested mappings (or ConfigDicts) to ``{"a.b": leaf}``, keeping insertion order."""
     if hasattr(tree, "to_dict") and not isinstance(tree, Mapping):
         tree = tree.to_dict()
@@ -41,7 +41,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: tree}
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -111,7 +111,7 @@ class MetricWriter:
         """Flattened hparams as a markdown table (tag ``hparams``, step 0) and ``hparams.json``."""
         if not self.enabled:
             return
-        flat = {k: _jsonable(v) for k, v in _flatten(hparams).items()}
+        flat = {k: _jsonable(v) for k, v in flatten(hparams).items()}
         rows = [f"| {_md_cell(k)} | {_md_cell(v if isinstance(v, str) else json.dumps(v))} |"
                 for k, v in flat.items()]
         self.write_texts(0, {"hparams": "\n".join(["| name | value |", "|---|---|", *rows])})

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from vljax.data import phantom as ph
-from vljax.data import phantom_anatomy as anatomy
-from vljax.data import phantom_signs as signs
-from vljax.data import phantom_text as text
+from vljax.data.phantom import generator
+from vljax.data.phantom import anatomy
+from vljax.data.phantom import signs
+from vljax.data.phantom import text
 from vljax.data.findings import FINDING_SECTION, FINDINGS
 from vljax.data.manifest import load_manifest
 from vljax.data.reports import split_sections
@@ -123,7 +124,7 @@ REGION = {
 @pytest.mark.parametrize("finding", FINDINGS)
 def test_every_finding_changes_the_volume_where_expected(finding, signs):
     spec = _male_spec(signs)
-    zd = anatomy.sample_anatomy(ph._rng(spec.seed, spec.index, 1), spec.sex)["zd"]
+    zd = anatomy.sample_anatomy(generator._rng(spec.seed, spec.index, 1), spec.sex)["zd"]
     n, centroid, peak = _changed_centroid(spec, finding)
     voxel_mm3 = float(np.prod(spec.spacing))
     # At least ~4 cm^3 of tissue visibly changed (> 40 HU), or a small but very dense change
@@ -215,7 +216,7 @@ def test_every_anatomic_finding_survives_preprocessing_at_a_finer_geometry(findi
 
 
 # ------------------------------------------------------------------------------------------------
-# The signs table (vljax/data/phantom_signs.py): one table drives what is drawn and what is written.
+# The signs table (vljax/data/phantom/signs.py): one table drives what is drawn and what is written.
 # ------------------------------------------------------------------------------------------------
 def _default_geometry_volume(spec, positives):
     """What the phantom default's model sees: 18x18x24 mm voxels, 24x24x16, window [-200, 300]."""
@@ -277,7 +278,7 @@ def test_what_is_drawn_is_written_in_its_section_and_vice_versa(profile):
                  if not np.array_equal(ph.render_canonical(spec, positives=tuple(g for g in spec.positives if g != f)), full)}
         findings_text, _ = ph.report_for(spec)
         assert drawn == set(spec.positives) == _mentioned_positive(findings_text, spec.study_id), spec.study_id
-        anat, fp = ph._geometry(spec)
+        anat, fp = generator._geometry(spec)
         sizes = signs.drawn_sizes_cm(anat, fp)
         checked.update(spec.positives)
         for f in set(spec.positives) & {"renal cyst", "prostatomegaly", "abdominal aortic aneurysm", "lymphadenopathy"}:
@@ -293,5 +294,5 @@ def test_what_is_drawn_is_written_in_its_section_and_vice_versa(profile):
 def test_build_notes_hold_the_designed_signs_table():
     notes = pathlib.Path(__file__).resolve().parents[2] / "BUILD_NOTES.md"
     assert signs.markdown_table("designed") in notes.read_text(), (
-        "BUILD_NOTES.md must hold the current table: python -c 'from vljax.data import phantom_signs as s; "
+        "BUILD_NOTES.md must hold the current table: python -c 'from vljax.data.phantom import signs as s; "
         "print(s.markdown_table())'")

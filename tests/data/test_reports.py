@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from vljax import assets
 from vljax.data import reports
 from vljax.data.findings import SECTION_HEADERS, SECTIONS
 from vljax.data.reports import (
@@ -371,7 +372,7 @@ def test_load_tokenizer_clear_errors(tmp_path):
 
 
 def test_default_tokenizer_path_missing_package(monkeypatch):
-    monkeypatch.setattr(reports.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'vljax\[test\]'"):
         reports.default_tokenizer_path()
 

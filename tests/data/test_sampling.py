@@ -310,12 +310,18 @@ def _source(phantom_dir, strategy="alternating", process_index=0, process_count=
                                  process_count=process_count, volumes=volumes), texts
 
 
+def _flat(item: dict) -> dict:
+    """A training source item's step inputs and its bookkeeping, in one dict (their keys differ)."""
+    assert item.keys() == {"inputs", "meta"} and not item["inputs"].keys() & item["meta"].keys()
+    return {**item["inputs"], **item["meta"]}
+
+
 def test_cached_volumes_give_the_same_batches_as_loading_each_batch(phantom_dir):
     loaded, _ = _source(phantom_dir)
     cached, _ = _source(phantom_dir, cache_volumes=True)
     assert cached.loader.volumes.shape == (len(cached.loader.records), 6, 8, 8)
     for step in range(5):
-        a, b = loaded[step], cached[step]
+        a, b = _flat(loaded[step]), _flat(cached[step])
         assert a.keys() == b.keys()
         for key in a:
             assert np.array_equal(a[key], b[key]), key
@@ -333,8 +339,8 @@ def test_process_sources_split_every_global_batch(phantom_dir, processes):
     whole, _ = _source(phantom_dir)
     parts = [_source(phantom_dir, process_index=p, process_count=processes)[0] for p in range(processes)]
     for step in range(6):
-        ref = whole[step]
-        got = [p[step] for p in parts]
+        ref = _flat(whole[step])
+        got = [_flat(p[step]) for p in parts]
         assert all(int(g["unit"]) == int(ref["unit"]) for g in got)
         for key in ("study_index", "image", "input_ids", "attention_mask"):
             assert np.array_equal(np.concatenate([g[key] for g in got]), ref[key]), key
@@ -346,7 +352,7 @@ def test_source_batches_carry_the_unit_text(phantom_dir):
     source, texts = _source(phantom_dir, strategy="alternating")
     tok = load_tokenizer()
     for step in range(4):
-        b = source[step]
+        b = _flat(source[step])
         unit = sampling.UNITS[int(b["unit"])]
         assert unit == ("full" if step % 2 == 0 else sampling.DEFAULT_SECTIONS[step // 2])
         want = reports.tokenize(tok, [texts[i][unit] for i in b["study_index"]], 48)
@@ -363,13 +369,13 @@ def test_grain_iterator_resumes_exactly(phantom_dir, workers):
     for _ in range(3):
         next(it)
     state = it.get_state()
-    rest = [next(it) for _ in range(9)]
+    rest = [_flat(next(it)) for _ in range(9)]
     full_uses = sum(int(b["unit"]) == 0 for b in rest) + 2
     assert full_uses > source.sampler.streams[0][0].per_epoch  # crossed into the second epoch
     it2 = pipeline.make_iterator(source, workers=workers)
     it2.set_state(state)
     for want in rest:
-        got = next(it2)
+        got = _flat(next(it2))
         assert int(got["step"]) == int(want["step"])
         for key in want:
             assert np.array_equal(got[key], want[key]), key
@@ -396,7 +402,7 @@ def test_small_section_pools_are_refused_clearly():
 def test_the_three_seeds_are_independent(phantom_dir):
     """Model seed: no effect on data. Data seed: order, not the subset. Subset seed: the subset."""
     from configs import merlin
-    from vljax import train
+    from vljax import inputs
 
     manifest = load_manifest(phantom_dir)
 
@@ -406,8 +412,8 @@ def test_the_three_seeds_are_independent(phantom_dir):
         c.batch_size = 4
         for k, v in changes.items():
             c[k] = v
-        records = train.train_records(c, manifest)
-        sampler, _ = train.make_sampler(c, records)
+        records = inputs.train_records(c, manifest)
+        sampler, _ = inputs.make_sampler(c, records)
         return [r.study_id for r in records], [sampler.indices(s).tolist() for s in range(10)]
 
     base = data()

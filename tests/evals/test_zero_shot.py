@@ -12,8 +12,8 @@ from scipy.stats import mannwhitneyu
 
 from vljax.data.findings import FINDINGS
 from vljax.data.reports import normalize_report_text
+from vljax.evals.prompts import FINDING_PROMPTS
 from vljax.evals.zero_shot import (
-    FINDING_PROMPTS,
     PromptTable,
     auroc,
     binary_f1,
@@ -84,8 +84,8 @@ def test_prompts_per_finding(name):
 def test_prompt_sets():
     import re
 
-    from vljax.data import phantom_text
-    from vljax.evals.zero_shot import PROMPT_SETS, prompts_for
+    from vljax.data.phantom import text as phantom_text
+    from vljax.evals.prompts import PROMPT_SETS, prompts_for
 
     assert prompts_for("merlin") == FINDING_PROMPTS
     phantom = prompts_for("phantom")

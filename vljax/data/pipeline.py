@@ -77,14 +77,9 @@ class TextTable:
 
 
 def full_report_texts(records: Sequence[StudyRecord]) -> list[str]:
-    """Merlin-normalised full findings text of each study (errors name the study id only)."""
-    texts = []
-    for r in records:
-        text = reports_lib.normalize_report_text(r.findings)
-        if not text.strip():
-            raise reports_lib.ReportError("the findings text is empty after normalisation", r.study_id)
-        texts.append(text)
-    return texts
+    """Merlin-normalised full findings text of each study (`reports.full_text`; errors name the
+    study id only)."""
+    return [reports_lib.full_text(r.findings, r.study_id) for r in records]
 
 
 def tokenize_table(tokenizer, texts: Sequence[str], max_length: int) -> TextTable:
@@ -200,7 +195,7 @@ class _StudyLoader:
             volumes = self.volumes[idx]
         else:
             volumes = np.stack([ct_lib.preprocess_ct(self.records[i].image, self.ct_config) for i in idx])
-        batch = {"image": volumes, "labels": self.labels[idx], "study_index": idx.astype(np.int32)}
+        batch = {"image": volumes}
         if self.text.pooled is not None:
             batch["text_pooled"] = self.text.pooled[rows]
         else:
@@ -216,8 +211,11 @@ class _StudyLoader:
 
 class TrainBatches:
     """Random-access Grain source: item `step` is this process's slice of the global batch at `step`
-    (`sampler.batch(step)`: a text unit and the studies), with the texts of that unit. `unit` in
-    the batch is the unit index (`sampling.UNITS`)."""
+    (`sampler.batch(step)`: a text unit and the studies), with the texts of that unit.
+
+    An item is {"inputs": what the train step consumes (`vljax.inputs.batch_spec`), "meta": {"step",
+    "unit" (index into `sampling.UNITS`), "study_index" (this process's rows of `records`)}}: the
+    bookkeeping travels beside the step's inputs, not among them."""
 
     def __init__(self, records: Sequence[StudyRecord], texts: UnitTexts, sampler: sampling.BatchSampler,
                  total_steps: int, ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
@@ -242,10 +240,8 @@ class TrainBatches:
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         b = self.sampler.batch(int(step))
         idx = b.indices[self.slice]
-        batch = self.loader.load(idx, self.rows[idx, b.unit])
-        batch["step"] = np.int64(step)
-        batch["unit"] = np.int32(b.unit)
-        return batch
+        return {"inputs": self.loader.load(idx, self.rows[idx, b.unit]),
+                "meta": {"step": np.int64(step), "unit": np.int32(b.unit), "study_index": idx.astype(np.int32)}}
 
     def __repr__(self) -> str:
         return self._repr
@@ -275,6 +271,7 @@ class EvalBatches:
         valid = positions < self.num_studies
         idx = np.where(valid, positions, 0)
         batch = self.loader.load(idx, idx)
+        batch["labels"] = self.loader.labels[idx]
         batch["valid"] = valid.astype(np.int8)
         return batch
 

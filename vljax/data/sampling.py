@@ -101,13 +101,7 @@ class StudyUnits:
 def unit_texts(records: Sequence[StudyRecord]) -> list[dict[str, str]]:
     """Normalised text of every unit of every study ("" where a section is absent). Errors name the
     study id only."""
-    out = []
-    for r in records:
-        texts = reports_lib.report_texts(r.findings, r.study_id)
-        if not texts["full"].strip():
-            raise reports_lib.ReportError("the findings text is empty after normalisation", r.study_id)
-        out.append(texts)
-    return out
+    return [reports_lib.report_texts(r.findings, r.study_id) for r in records]
 
 
 def study_units(records: Sequence[StudyRecord], texts: Sequence[dict[str, str]]) -> StudyUnits:
@@ -306,18 +300,25 @@ def check_options(*, strategy: str, balance_ratio: float, train_fraction: float,
     if int(period) < 2:
         raise ValueError(f"config.data.section_period={period}: must be >= 2 (every period-th step is a "
                          "section step)")
-    if sections is not None:
-        unknown = [s for s in sections if s not in SECTIONS]
-        if unknown or not sections or len(set(sections)) != len(sections):
-            raise ValueError(f"config.data.sections={tuple(sections)}: unknown, repeated or empty; the "
-                             f"sections are {list(SECTIONS)}")
-    empty = [s for s in (DEFAULT_SECTIONS if sections is None else sections) if not SECTION_FINDINGS[s]]
-    if strategy == "balanced" and empty:
-        raise ValueError(f"config.data.sections: {empty} carry none of the 30 findings, so no batch of "
-                         "theirs can be abnormal; leave them out for balanced sampling")
+    _check_sections(strategy, sections)
     for name, value in seeds.items():
         if int(value) < 0:
             raise ValueError(f"config.{name}={value}: seeds must be non-negative integers")
+
+
+def _check_sections(strategy: str, sections: Sequence[str] | None) -> tuple[str, ...]:
+    """The section units of the schedule (`DEFAULT_SECTIONS` for None), checked: known, distinct,
+    not empty, and for balanced sampling each carrying at least one finding."""
+    names = DEFAULT_SECTIONS if sections is None else tuple(sections)
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"config.data.sections={names}: unknown, repeated or empty; the sections are "
+                         f"{list(SECTIONS)}")
+    empty = [s for s in names if not SECTION_FINDINGS[s]]
+    if strategy == "balanced" and empty:
+        raise ValueError(f"config.data.sections: {empty} carry none of the 30 findings, so no batch of "
+                         "theirs can be abnormal; leave them out for balanced sampling")
+    return names
 
 
 def make_sampler(units: StudyUnits, global_batch: int, seed: int, *, strategy: str,
@@ -331,15 +332,8 @@ def make_sampler(units: StudyUnits, global_batch: int, seed: int, *, strategy: s
       with `balance_ratio` normal studies.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"sampling must be one of {STRATEGIES}, got {strategy!r}")
-    names = DEFAULT_SECTIONS if sections is None else tuple(sections)
-    unknown = [s for s in names if s not in SECTIONS]
-    if unknown:
-        raise ValueError(f"unknown sections {unknown}; the sections are {list(SECTIONS)}")
-    empty = [s for s in names if not SECTION_FINDINGS[s]]
-    if strategy == "balanced" and empty:
-        raise ValueError(f"sections {empty} carry none of the 30 findings, so no batch of theirs can be "
-                         "abnormal: leave them out of config.data.sections for balanced sampling")
+        raise ValueError(f"config.data.sampling={strategy!r}: choose one of {list(STRATEGIES)}")
+    names = _check_sections(strategy, sections)
     use_sections = strategy == "alternating" or (strategy == "balanced" and alternate)
     schedule = Schedule(tuple(UNITS.index(s) for s in names) if use_sections else (), period, order, seed)
     return BatchSampler(units, schedule, global_batch, seed,

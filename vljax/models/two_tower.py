@@ -170,6 +170,7 @@ class ModelSpec:
     image_remat: bool = False
     image_feature_norm: bool = False
     image_conv: str = "auto"                # "auto" | "native" | "depth_taps" (vljax/models/conv.py)
+    image_init: str = "scratch"             # "scratch" or "torchvision:<path>.safetensors" (I3D inflation)
     text_init: str = "pretrained"          # "pretrained" (HF folder) or "scratch"
     text_path: str | None = None            # HF BERT folder; None = the MiniLM checkpoint shipped by pip
     text_size: str = "small"                # scratch preset: tiny | mini | small | base
@@ -194,6 +195,10 @@ class ModelSpec:
         conv = img.get("conv", "auto")  # absent from configs saved before it existed; same parameters
         if conv not in CONV_IMPLS:
             raise ValueError(f"config.model.image.conv={conv!r}: use one of {list(CONV_IMPLS)}")
+        image_init = img.get("init", "scratch")  # absent from configs saved before it existed
+        if image_init != "scratch" and not (image_init.startswith("torchvision:") and len(image_init) > 12):
+            raise ValueError(f"config.model.image.init={image_init!r}: use 'scratch' or "
+                             "'torchvision:/path/resnet.safetensors' (a torchvision ResNet state dict)")
         if model_cfg.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
         if txt.pooling == "sentence_mean" and txt.trainable:
@@ -202,7 +207,8 @@ class ModelSpec:
         scale_max = model_cfg.logit_scale_max
         return cls(image_depth=img.depth, image_width=img.width, image_norm=img.norm,
                    image_num_groups=img.num_groups, image_remat=img.remat,
-                   image_feature_norm=bool(img.feature_norm), image_conv=conv, text_init=txt.init,
+                   image_feature_norm=bool(img.feature_norm), image_conv=conv, image_init=image_init,
+                   text_init=txt.init,
                    text_path=txt.path or None, text_size=txt.size, vocab_size=txt.vocab_size,
                    pooling=txt.pooling, text_trainable=bool(txt.trainable), embed_dim=model_cfg.embed_dim,
                    logit_scale_init=float(model_cfg.logit_scale_init),
@@ -235,16 +241,30 @@ def build_model(spec: ModelSpec, rngs: nnx.Rngs) -> TwoTower:
                     rngs=rngs)
 
 
+def has_pretrained(spec: ModelSpec) -> bool:
+    """Whether `load_pretrained` has weights to load for `spec`."""
+    return spec.text_init == "pretrained" or spec.image_init != "scratch"
+
+
 def load_pretrained(model: TwoTower, spec: ModelSpec) -> None:
-    """Fills the text tower from its Hugging Face folder when `spec.text_init == "pretrained"`."""
-    if spec.text_init != "pretrained":
-        return
+    """Fills the towers that `spec` initialises from files: the text tower from its Hugging Face folder
+    (`text_init == "pretrained"`), the image tower from a torchvision ResNet state dict inflated to 3D
+    (`image_init == "torchvision:<path>"`)."""
     from safetensors.numpy import load_file
 
+    if spec.image_init.startswith("torchvision:"):
+        from vljax.models.resnet3d import inflate_from_torch_2d, load_torchvision_safetensors
+
+        path = pathlib.Path(spec.image_init.removeprefix("torchvision:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: config.model.image.init='torchvision:<path>' must "
+                                    "name a torchvision ResNet state dict saved as .safetensors")
+        inflate_from_torch_2d(model.image_tower, load_torchvision_safetensors(str(path)))
+    if spec.text_init != "pretrained":
+        return
     folder = pathlib.Path(spec.text_path) if spec.text_path else bert_lib.default_bert_dir()
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist: config.model.text.path must name a Hugging "
                                 "Face BERT folder with config.json and model.safetensors")
     bert_lib.load_hf_state(model.text_tower, load_file(str(weights)), source=str(weights))
-

@@ -33,9 +33,9 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
-from vljax.data import phantom_anatomy as anatomy
-from vljax.data import phantom_signs
-from vljax.data import phantom_text as text
+from vljax.data.phantom import anatomy
+from vljax.data.phantom import signs as phantom_signs
+from vljax.data.phantom import text
 from vljax.data.findings import FINDINGS
 
 GENERATOR_VERSION = 2
@@ -105,7 +105,7 @@ class PhantomConfig:
     seed: int = 0
     spacing: tuple[float, float, float] = (6.0, 6.0, 8.0)
     vary_orientation: bool = True
-    signs: str = "designed"  # phantom_signs profile: "designed" (conspicuous) or "anatomic" (earlier rendering)
+    signs: str = "designed"  # phantom.signs profile: "designed" (conspicuous) or "anatomic" (earlier rendering)
     workers: int = 0  # 0: os.cpu_count()
 
     def __post_init__(self):
@@ -139,7 +139,7 @@ class StudySpec:
     shape: tuple[int, int, int]  # canonical RAS shape
     origin: tuple[float, float, float]  # world position of canonical voxel (0, 0, 0)
     axcodes: str  # storage orientation, e.g. "LPS"
-    signs: str = "designed"  # phantom_signs profile
+    signs: str = "designed"  # phantom.signs profile
 
     @property
     def positives(self) -> tuple[str, ...]:

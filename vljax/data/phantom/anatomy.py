@@ -6,7 +6,7 @@ by approximate signed distances; each is painted with a partial-volume weight
 `clip(0.5 - sdf / voxel, 0, 1)`, so small structures (stones, calcifications) survive coarse voxels
 the way they do on a real scanner. Every one of the 30 findings has a rendering rule here that
 changes the volume where a radiologist would look for it (`render_anatomy`), with the size, HU
-change and count that `phantom_signs` draws for the study.
+change and count that `signs` draws for the study.
 
 Rendering happens on a canonical RAS grid; `phantom.py` then stores the array in the study's own
 orientation with the matching affine.

@@ -13,7 +13,7 @@ import numpy as np
 
 from vljax.data.findings import (FINDING_SECTION, FINDINGS, HEADER_TO_SECTION, SECTION_FINDINGS, SECTIONS,
                                  normalize_header)
-from vljax.data.phantom_signs import THROMBOSIS_VESSELS
+from vljax.data.phantom.signs import THROMBOSIS_VESSELS
 
 # {finding: (positive templates, negative templates)}; "{side}" / "{sev}" / "{level}" / "{vessel}"
 # are filled from the finding's parameters.

@@ -1,5 +1,5 @@
 """What each phantom finding draws, how large and how dense: the one table the renderer
-(`phantom_anatomy`) and the report writer (`phantom_text`) both read, through
+(`phantom.anatomy`) and the report writer (`phantom.text`) both read, through
 `sample_finding_params` (every study's drawn geometry) and `drawn_sizes_cm` (the sizes a report
 quotes).
 
@@ -41,7 +41,7 @@ class Sign:
                 raise ValueError(f"{name} range {lo}..{hi} is empty")
 
 
-# HU of the tissues the findings replace (the `hu_change` reference), from phantom_anatomy.HU.
+# HU of the tissues the findings replace (the `hu_change` reference), from phantom.anatomy.HU.
 _LUNG, _FAT, _MYO, _BLOOD, _LIVER, _BILE, _KIDNEY, _BONE = -850.0, -95.0, 60.0, 160.0, 105.0, 10.0, 170.0, 260.0
 
 
@@ -159,7 +159,7 @@ def markdown_table(profile: str = "designed") -> str:
 def sample_finding_params(rng: np.random.Generator, anatomy: dict, signs: dict) -> dict:
     """Geometry of every finding, drawn from its own stream so toggling one changes nothing else.
 
-    Sizes, HU changes and counts come from `signs` (a `phantom_signs` profile); positions, sides
+    Sizes, HU changes and counts come from `signs` (a `phantom.signs` profile); positions, sides
     and directions are drawn here. Every finding's values are drawn whether or not it is positive."""
     u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
 

@@ -1,7 +1,7 @@
 """Dataset statistics through the real data layer: manifest validation, label balance, report
 sections, token lengths and preprocessed volumes. Generates the phantom first when asked.
 
-    python -m vljax.data.summary --data_dir=/tmp/vljax_phantom --phantom_studies=300
+    python -m vljax.summary --data_dir=/tmp/vljax_phantom --phantom_studies=300
 
 Prints counts only: no report text, no identifiers beyond study ids.
 """

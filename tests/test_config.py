@@ -1,0 +1,113 @@
+"""configs/merlin.py: its arguments, the backend-dependent phantom geometry, the `tiny` variant and
+`--config.*` overrides through absl."""
+
+from __future__ import annotations
+
+from absl import flags
+import jax
+import pytest
+from ml_collections import config_flags
+
+from configs import merlin
+from vljax import run_files
+from tests.runs import CONFIG_PATH
+
+
+def test_config_argument_parsing():
+    assert merlin.parse_arg("phantom,seed=3,steps=10") == {"phantom": True, "seed": 3, "steps": 10}
+    assert merlin.parse_arg("") == {}
+    c = merlin.get_config("phantom,seed=3,batch=16")
+    assert c.seed == 3 and c.batch_size == 16 and c.data.phantom
+    full = merlin.get_config()
+    assert full.model.image.depth == 152 and tuple(full.data.shape) == (224, 224, 160)
+    assert tuple(full.data.spacing) == (1.5, 1.5, 3.0) and not full.data.phantom
+    with pytest.raises(ValueError, match="unknown argument 'phantm'"):
+        merlin.get_config("phantm")
+    with pytest.raises(ValueError, match="not a valid int"):
+        merlin.get_config("seed=x")
+    with pytest.raises(ValueError, match="needs a value"):
+        merlin.get_config("seed")
+    c = merlin.get_config("phantom,sampling=balanced,balance_ratio=0.25,train_fraction=0.4,subset_seed=2")
+    assert (c.data.sampling, c.data.balance_ratio, c.data.train_fraction, c.subset_seed) == ("balanced", 0.25, 0.4, 2)
+    with pytest.raises(ValueError, match="sampling='stratified'"):
+        merlin.get_config("sampling=stratified")
+
+
+def test_phantom_geometry_follows_the_backend_unless_given(monkeypatch):
+    assert merlin.resolve_geometry("auto", "cpu") == "cpu"
+    assert merlin.resolve_geometry("auto", "gpu") == merlin.resolve_geometry("auto", "tpu") == "accelerator"
+    assert merlin.resolve_geometry("cpu", "gpu") == "cpu" and merlin.resolve_geometry("accelerator", "cpu") == "accelerator"
+    with pytest.raises(ValueError, match="geometry='gpu'"):
+        merlin.resolve_geometry("gpu", "gpu")
+
+    cpu = merlin.get_config("phantom")  # the tests' backend is CPU (conftest.py)
+    assert (cpu.data.geometry, cpu.data.geometry_backend) == ("cpu", "cpu")
+    explicit_cpu = merlin.get_config("phantom,geometry=cpu").to_dict()
+    assert explicit_cpu["data"]["geometry_backend"] is None
+    cpu_dict = cpu.to_dict()
+    cpu_dict["data"]["geometry_backend"] = None
+    assert cpu_dict == explicit_cpu  # auto on CPU is exactly the CPU recipe of _phantom
+
+    def accelerator_values(c):
+        assert tuple(c.data.spacing) == (6.0, 6.0, 8.0) and tuple(c.data.shape) == (72, 72, 48)
+        assert c.total_steps == 12000 and c.model.image.width == 32 and c.eval_batch_size == 32
+        assert c.total_steps > cpu.total_steps and c.model.image.width > cpu.model.image.width
+        assert c.data.phantom and c.model.image.depth == cpu.model.image.depth and c.batch_size == cpu.batch_size
+
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        acc = merlin.get_config("phantom")
+        assert (acc.data.geometry, acc.data.geometry_backend) == ("accelerator", backend)
+        accelerator_values(acc)
+        assert run_files.config_json(acc)["data"]["geometry"] == "accelerator"  # what config.json holds
+        assert merlin.get_config("phantom,geometry=cpu").to_dict() == explicit_cpu
+    assert merlin.get_config("phantom,geometry=accelerator,steps=10").total_steps == 10
+
+    def no_backend():
+        raise AssertionError("an explicit geometry must not query (and so initialise) the backend")
+
+    monkeypatch.setattr(jax, "default_backend", no_backend)
+    explicit = merlin.get_config("phantom,geometry=accelerator")
+    assert (explicit.data.geometry, explicit.data.geometry_backend) == ("accelerator", None)
+    accelerator_values(explicit)
+    full = merlin.get_config()  # the real-data recipe: Merlin's geometry, no backend query
+    assert (full.data.geometry, full.data.geometry_backend) == ("merlin", None)
+    with pytest.raises(ValueError, match="phantom default only"):
+        merlin.get_config("geometry=accelerator")
+    with pytest.raises(ValueError, match=r"geometry='gpu'; choose one of \['auto', 'cpu', 'accelerator'\]"):
+        merlin.get_config("phantom,geometry=gpu")
+
+
+def _parse_flags(*argv):
+    fv = flags.FlagValues()
+    # config_flags registers the `--config.*` override flags from sys_argv at definition time.
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=["prog", *argv])
+    fv(["prog", *argv])
+    return fv.config
+
+
+def test_config_flag_overrides_and_unknown_keys():
+    c = _parse_flags(f"--config={CONFIG_PATH}:phantom,seed=2", "--config.optim.lr=0.125",
+                     "--config.data.dir=/some/where")
+    assert c.seed == 2 and c.optim.lr == 0.125 and c.data.dir == "/some/where"
+    with pytest.raises(Exception, match="nope"):
+        _parse_flags(f"--config={CONFIG_PATH}:phantom", "--config.optim.nope=1")
+    with pytest.raises(Exception, match="lr"):
+        _parse_flags(f"--config={CONFIG_PATH}", "--config.optim.lr=fast")
+    with pytest.raises(Exception, match="phantm"):
+        _parse_flags(f"--config={CONFIG_PATH}:phantm")
+    assert _parse_flags(f"--config={CONFIG_PATH}:phantom,geometry=accelerator").data.geometry == "accelerator"
+    with pytest.raises(Exception, match="geometry='fast'"):
+        _parse_flags(f"--config={CONFIG_PATH}:phantom,geometry=fast")
+    with pytest.raises(AttributeError):  # configs are locked: no new fields by mistake
+        c.optim.new_field = 1
+
+
+def test_tiny_is_a_small_phantom_run_with_its_own_geometry():
+    c = merlin.get_config("tiny")
+    assert c.data.phantom and c.data.phantom_studies == 64 and c.data.geometry == "tiny"
+    assert (c.model.image.width, c.model.text.size, c.model.text.init, c.total_steps) == (4, "tiny", "scratch", 20)
+    assert merlin.get_config("tiny,seed=3").seed == 3
+    with pytest.raises(ValueError, match="tiny has its own geometry"):
+        merlin.get_config("tiny,geometry=accelerator")

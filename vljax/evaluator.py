@@ -1,0 +1,130 @@
+"""Evaluation of a two-tower model on a split: zero-shot classification of the 30 findings,
+image->report retrieval and the InfoNCE loss, with the jitted embedding functions built once per run.
+
+`Evaluator` is made once (by the trainer, `vljax.evaluate` and `vljax.diagnose`) and called with the
+current parameters. Every array it passes to a jitted function has a shape fixed by the config (eval
+batches of `config.eval_batch_size`, text batches of fixed rows per length bucket, projections in
+fixed chunks), so a run's periodic evaluations compile each function once (`compile_counts`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from flax import nnx
+
+from vljax import inputs, losses
+from vljax.data import pipeline
+from vljax.evals import prompts, zero_shot
+from vljax.modeling import Model
+
+# With `data.cache_volumes`, splits of at least this many studies are preprocessed in parallel before
+# evaluation (below it, starting the worker processes costs more than it saves).
+PRELOAD_MIN_STUDIES = 256
+
+# Rows per call of the text projection ("sentence_mean" pooling): one compiled shape for any count.
+_PROJECT_ROWS = 256
+
+
+class Evaluator:
+    """`evaluate(params, rest, records)` -> zero-shot, retrieval and loss; `embed_texts`,
+    `embed_images` for the diagnostics. Built once per run from its config, model and mesh."""
+
+    def __init__(self, config, model: Model, mesh: Mesh, tokenizer):
+        self.config, self.model, self.mesh, self.tokenizer = config, model, mesh, tokenizer
+        self.max_len = config.data.max_text_len
+        replicated = NamedSharding(mesh, P())
+        merge = lambda p, r: nnx.merge(model.graphdef, p, r, copy=True)  # noqa: E731
+        jit = functools.partial(jax.jit, out_shardings=replicated)
+        def image(p, r, x):  # pooled features and embeddings from one pass through the tower
+            m = merge(p, r)
+            feats = m.image_features(x, train=False)
+            return feats, m.embed_image_features(feats, train=False)
+
+        self._image = jit(image)
+        self._scale = jit(lambda p, r: merge(p, r).logit_scale())
+        self.sentence_mean = model.spec.pooling == "sentence_mean"
+        if self.sentence_mean:
+            self._pooled = jit(lambda p, r, ids, mask: merge(p, r).text_features(ids, mask, train=False))
+            self._project = jit(lambda p, r, f: merge(p, r).embed_text_features(f))
+        else:
+            self._text = jit(lambda p, r, ids, mask: merge(p, r).encode_text(ids, mask, train=False))
+        self.prompts = zero_shot.prompt_table(prompts.prompts_for(config.get("zero_shot_prompts", "merlin")))
+        self._sources: dict[tuple, pipeline.EvalBatches] = {}
+
+    def compile_counts(self) -> dict[str, int]:
+        """How many times each jitted function has been compiled (its cache size)."""
+        fns = {"image": self._image, "logit_scale": self._scale}
+        fns.update({"pooled": self._pooled, "project": self._project} if self.sentence_mean else {"text": self._text})
+        return {k: f._cache_size() for k, f in fns.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    def embed_texts(self, params, rest, texts: Sequence[str]) -> np.ndarray:
+        """[N, E] text embeddings of normalised texts, by the model's own text path: token ids through
+        the tower, or with "sentence_mean" pooling the mean of the texts' sentence features through
+        the projection."""
+        if not self.sentence_mean:
+            table = pipeline.tokenize_table(self.tokenizer, list(texts), self.max_len)
+            return inputs.run_text_tower(table, functools.partial(self._text, params, rest))
+        feats = inputs.sentence_features(texts, self.tokenizer, functools.partial(self._pooled, params, rest),
+                                         self.max_len)
+        out = []
+        for s in range(0, len(feats), _PROJECT_ROWS):
+            chunk = feats[s:s + _PROJECT_ROWS]
+            padded = np.zeros((_PROJECT_ROWS, feats.shape[1]), np.float32)
+            padded[:len(chunk)] = chunk
+            out.append(np.asarray(self._project(params, rest, padded))[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def _source(self, records) -> pipeline.EvalBatches:
+        """The split's batches (volumes preprocessed in parallel once, for a large split with
+        `data.cache_volumes`), kept for the run's later evaluations of the same records."""
+        key = tuple(r.study_id for r in records)
+        if key not in self._sources:
+            config = self.config
+            volumes = None
+            if config.data.get("cache_volumes", False) and len(records) >= PRELOAD_MIN_STUDIES:
+                volumes = pipeline.preload_volumes(records, inputs.ct_config(config),
+                                                   workers=max(1, os.cpu_count() or 1))
+            self._sources[key] = pipeline.EvalBatches(
+                records, inputs.text_table(config, self.tokenizer, records), config.eval_batch_size,
+                inputs.ct_config(config), process_index=jax.process_index(),
+                process_count=jax.process_count(), volumes=volumes)
+        return self._sources[key]
+
+    def embed_images(self, params, rest, records, *, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pooled image features, image embeddings, labels) of `records`, in order, every process's."""
+        feats, embs, labels = [], [], []
+        for batch in pipeline.make_iterator(self._source(records), workers=workers):
+            valid = np.asarray(multihost_utils.process_allgather(batch["valid"].astype(bool), tiled=True))
+            lab = np.asarray(multihost_utils.process_allgather(batch["labels"], tiled=True))
+            f, e = self._image(params, rest, pipeline.to_global({"image": batch["image"]}, self.mesh)["image"])
+            feats.append(np.asarray(f)[valid])
+            embs.append(np.asarray(e)[valid])
+            labels.append(lab[valid])
+        return np.concatenate(feats), np.concatenate(embs), np.concatenate(labels)
+
+    def evaluate(self, params, rest, records, *, workers: int = 0) -> dict:
+        """Zero-shot (30 findings), image->report retrieval and InfoNCE loss on `records`."""
+        _, img, lab = self.embed_images(params, rest, records, workers=workers)
+        txt = self.embed_texts(params, rest, pipeline.full_report_texts(records))
+        scale = float(self._scale(params, rest))
+        phrase_emb = self.embed_texts(params, rest, self.prompts.texts)
+        scores = zero_shot.zero_shot_scores(img, phrase_emb, self.prompts)
+        # InfoNCE over consecutive full batches (the batch size training uses), on the host.
+        b = self.config.batch_size
+        batch_losses = [float(losses.infonce(jnp.asarray(img[s:s + b]), jnp.asarray(txt[s:s + b]), scale))
+                        for s in range(0, (len(img) // b) * b, b)]
+        return {
+            "num_studies": int(len(img)),
+            "loss": float(np.mean(batch_losses)) if batch_losses else None,
+            "zero_shot": zero_shot.zero_shot_metrics(scores, lab, seed=0),
+            "retrieval": zero_shot.retrieval_metrics(img, txt),
+        }
