@@ -40,8 +40,37 @@ _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloa
 _RAS = orientations.axcodes2ornt("RAS")
 
 
+# What makes a file unusable (`CTLoadError.kind`), so that `vljax.validate` can count and classify
+# problems without parsing messages.
+MISSING_FILE = "missing_file"
+UNREADABLE_HEADER = "unreadable_header"  # not NIfTI, or nibabel cannot parse its header
+NOT_3D = "not_3d"
+ZERO_SIZE = "zero_size"
+BAD_AFFINE = "bad_affine"  # singular or non-finite voxel-to-world affine
+SHEARED = "sheared"  # axis-separable resampling (MONAI Spacing's) does not apply
+CORRUPT_VOXELS = "corrupt_voxels"  # the voxel data cannot be decoded (truncated, bad gzip stream)
+BAD_DTYPE = "bad_dtype"
+NAN_VOXELS = "nan_voxels"
+
+
 class CTLoadError(ValueError):
-    """An unusable CT file. Messages name the file path and the problem, never file contents."""
+    """An unusable CT file. Messages name the file path and the problem, never file contents.
+
+    `kind` is one of the constants above ("unusable" when none applies); it is an instance attribute,
+    so it survives pickling from worker processes.
+    """
+
+    kind = "unusable"
+
+
+def _ct_error(kind: str, message: str) -> CTLoadError:
+    err = CTLoadError(message)
+    err.kind = kind
+    return err
+
+
+class _ShearedAffine(ValueError):
+    """Raised by `_spacing_grid`; a ValueError as before, told apart so that the kind can be SHEARED."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,36 +124,48 @@ def _is_real(v) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validated 3-D voxels in their stored dtype (float32 when scl_slope/inter apply) + affine."""
+def load_nifti_header(path: str | os.PathLike):
+    """Opens a NIfTI file without reading its voxels: (image, 3-D shape, float64 affine).
+
+    The checks that need only the header (a file, NIfTI, one 3-D volume, no zero-size axis, a finite
+    non-singular affine), shared by `load_nifti` and `vljax.validate`'s start-up check. The image's
+    `dataobj` is untouched. Raises CTLoadError, naming the file, with its `kind`.
+    """
     path = os.fspath(path)
     where = f"CT file {path!r}"
     if not os.path.isfile(path):
-        raise CTLoadError(f"{where} does not exist or is not a file; check the path and the data root.")
+        raise _ct_error(MISSING_FILE, f"{where} does not exist or is not a file; check the path and the data root.")
     try:
-        img = nib.load(path, mmap=False)  # no memory map: the whole read happens in this function
+        img = nib.load(path, mmap=False)  # no memory map: the whole read happens in _read_nifti
     except MemoryError:
         raise
     except Exception as e:  # ImageFileError, HeaderDataError, BadGzipFile, EOFError, zlib.error, ...
         # Only the exception type: nibabel's messages can quote file bytes.
-        raise CTLoadError(f"{where} is not a readable NIfTI image ({type(e).__name__}); "
-                          "re-export it as .nii or .nii.gz, or drop it from the manifest.") from None
+        raise _ct_error(UNREADABLE_HEADER, f"{where} is not a readable NIfTI image ({type(e).__name__}); "
+                        "re-export it as .nii or .nii.gz, or drop it from the manifest.") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise CTLoadError(f"{where} holds a {type(img).__name__}, not NIfTI; convert it to .nii.gz.")
+        raise _ct_error(UNREADABLE_HEADER, f"{where} holds a {type(img).__name__}, not NIfTI; convert it to .nii.gz.")
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     elif len(shape) != 3:
-        raise CTLoadError(f"{where} has shape {shape}; expected one 3-D volume, (x, y, z) or (x, y, z, 1). "
-                          "Split multi-volume files or drop the file.")
+        raise _ct_error(NOT_3D, f"{where} has shape {shape}; expected one 3-D volume, (x, y, z) or (x, y, z, 1). "
+                        "Split multi-volume files or drop the file.")
     if min(shape) == 0:
-        raise CTLoadError(f"{where} has a zero-size dimension (shape {shape}); drop or re-export the file.")
+        raise _ct_error(ZERO_SIZE, f"{where} has a zero-size dimension (shape {shape}); drop or re-export the file.")
     affine = np.asarray(img.affine, dtype=np.float64)
     rzs = affine[:3, :3]
     norms = np.sqrt(np.sum(rzs * rzs, axis=0))
     if not np.isfinite(affine).all() or not abs(np.linalg.det(rzs)) > 1e-6 * np.prod(norms):
-        raise CTLoadError(f"{where} has a singular or non-finite voxel-to-world affine (sform/qform); "
-                          "fix its header geometry or drop the file.")
+        raise _ct_error(BAD_AFFINE, f"{where} has a singular or non-finite voxel-to-world affine (sform/qform); "
+                        "fix its header geometry or drop the file.")
+    return img, shape, affine
+
+
+def _read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 3-D voxels in their stored dtype (float32 when scl_slope/inter apply) + affine."""
+    img, shape, affine = load_nifti_header(path)
+    where = f"CT file {os.fspath(path)!r}"
     proxy = img.dataobj
     scaled = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) != (1.0, 0.0)
     try:  # nibabel reads lazily: decompress and decode here, inside the try.
@@ -132,12 +173,12 @@ def _read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except MemoryError:
         raise
     except Exception as e:  # EOFError, zlib.error, BadGzipFile, ValueError (short buffer), ...
-        raise CTLoadError(f"{where} has corrupt or truncated voxel data ({type(e).__name__}); "
-                          "re-download or re-export it.") from None
+        raise _ct_error(CORRUPT_VOXELS, f"{where} has corrupt or truncated voxel data ({type(e).__name__}); "
+                        "re-download or re-export it.") from None
     if data.dtype.kind not in "iuf":
-        raise CTLoadError(f"{where} stores {data.dtype} voxels; expected real integer or float HU values.")
+        raise _ct_error(BAD_DTYPE, f"{where} stores {data.dtype} voxels; expected real integer or float HU values.")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise CTLoadError(f"{where} contains NaN or infinite voxels; fix or drop the file.")
+        raise _ct_error(NAN_VOXELS, f"{where} contains NaN or infinite voxels; fix or drop the file.")
     return data.reshape(shape, order="A"), affine
 
 
@@ -208,7 +249,7 @@ def _spacing_grid(shape, affine: np.ndarray, spacing) -> tuple[list[np.ndarray],
     # across the volume is ignored, more is a real shear (e.g. an uncorrected gantry tilt).
     off_diagonal = xform[:3, :3] - np.diag(np.diag(xform[:3, :3]))
     if np.abs(off_diagonal).max() * max(in_shape.max(), out_shape.max()) > 1e-3:
-        raise ValueError("the affine is sheared; axis-separable resampling does not apply (unsupported).")
+        raise _ShearedAffine("the affine is sheared; axis-separable resampling does not apply (unsupported).")
     if np.array_equal(out_shape, in_shape) and (np.allclose(affine, out_affine, atol=_AFFINE_TOL)
                                                 or np.allclose(xform, np.eye(4), atol=_AFFINE_TOL)):
         return [np.arange(n, dtype=np.float64) for n in out_shape], affine.copy()
@@ -367,4 +408,21 @@ def preprocess_ct(path: str | os.PathLike, config: CTPreprocessConfig = CTPrepro
     except CTLoadError:
         raise
     except ValueError as e:
-        raise CTLoadError(f"CT file {os.fspath(path)!r}: {e}") from None
+        raise _ct_error(SHEARED if isinstance(e, _ShearedAffine) else CTLoadError.kind,
+                        f"CT file {os.fspath(path)!r}: {e}") from None
+
+
+def check_geometry(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray,
+                   spacing: Sequence[float] = CTPreprocessConfig().spacing) -> None:
+    """Raises the CTLoadError `preprocess_ct` would raise for this geometry, without any voxels.
+
+    Reorients a zero-byte stand-in of `shape` and builds the resampling grid for `spacing` (cheap:
+    one coordinate vector per axis), so header-only checks refuse exactly what loading refuses.
+    """
+    stand_in = np.broadcast_to(np.zeros((), np.uint8), tuple(int(n) for n in shape))
+    try:
+        oriented, ras_affine = orient_to_ras(stand_in, affine)
+        _spacing_grid(oriented.shape, ras_affine, spacing)
+    except ValueError as e:
+        raise _ct_error(SHEARED if isinstance(e, _ShearedAffine) else BAD_AFFINE,
+                        f"CT file {os.fspath(path)!r}: {e}") from None
