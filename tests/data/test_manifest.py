@@ -163,3 +163,52 @@ def test_missing_dataset_path_is_a_clear_error(tmp_path):
         load_manifest(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     _expect_problem(tmp_path / "empty", "no reports table")
+
+
+def test_non_utf8_reports_name_file_line_and_study_without_a_traceback(dataset):
+    rows = _rows(dataset / "reports.csv")
+    rows[3][1] = "Liver: caf\udce9 au lait " + rows[3][1]  # a Latin-1 byte (0xE9) in a findings cell
+    with open(dataset / "reports.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    # the physical line of row 3: reports contain no newlines, so header line 1, row 3 -> line 4
+    err = _expect_problem(dataset, "reports.csv line 4", rows[3][0], "not valid UTF-8",
+                          absent=("Traceback", "UnicodeDecodeError", "lait", "position"))
+    assert [(p.kind, p.study_id) for p in err.details] == [("bad_encoding", rows[3][0])]
+
+
+def test_non_utf8_jsonl_line_is_one_problem(phantom_dir, tmp_path):
+    path = tmp_path / "m.jsonl"
+    write_jsonl(load_manifest(phantom_dir), path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    sid = json.loads(lines[2])["study_id"]
+    lines[2] = lines[2].replace(b'"findings": "', b'"findings": "\xe9')
+    path.write_bytes(b"".join(lines))
+    err = _expect_problem(path, sid, "line 3 is not valid UTF-8", absent=("Traceback", "Decode"))
+    assert len(err.problems) == 1
+
+
+def test_reports_longer_than_the_csv_default_field_limit_are_read(dataset):
+    default = csv.field_size_limit()
+    rows = _rows(dataset / "reports.csv")
+    long_text = ("Liver: normal in size. " * 8000)[:200_000]  # past csv's default 131,072 characters
+    rows[1][1] = long_text
+    _write_rows(dataset / "reports.csv", rows)
+    m = load_manifest(dataset)
+    assert m.by_id()[rows[1][0]].findings == long_text.strip()
+    assert csv.field_size_limit() == default  # the process-wide limit is put back
+
+
+def test_read_manifest_returns_good_records_and_classified_problems(dataset):
+    from vljax.data import manifest as manifest_lib
+
+    rows = _rows(dataset / "reports.csv")
+    rows[1][1], rows[2][3] = "", "holdout"
+    rows.append(rows[5])
+    _write_rows(dataset / "reports.csv", rows)
+    (dataset / ph.IMAGES_DIR / f"{rows[7][0]}.nii.gz").unlink()
+    m, problems = manifest_lib.read_manifest(dataset)
+    assert {(p.kind, p.study_id) for p in problems} == {
+        ("empty_report", rows[1][0]), ("unknown_split", rows[2][0]), ("duplicate_id", rows[5][0]),
+        ("missing_file", rows[7][0])}
+    assert len(m) == SMALL_PHANTOM.num_studies - 3
+    assert next(p for p in problems if p.kind == "missing_file").path.endswith(f"{rows[7][0]}.nii.gz")
