@@ -44,15 +44,39 @@ def test_different_seed_differs():
     assert ph.report_for(s0) != ph.report_for(s1)
 
 
-def test_reuse_keeps_files_and_config_change_regenerates(tmp_path):
+def test_reuse_keeps_files_and_another_config_is_refused_not_regenerated(tmp_path):
     cfg = ph.PhantomConfig(num_studies=3, seed=1, workers=1)
     ph.generate_phantom(tmp_path, cfg, log=lambda *_: None)
     before = _digest(tmp_path)
     msgs = []
     ph.generate_phantom(tmp_path, cfg, log=msgs.append)
     assert "reusing" in msgs[0] and _digest(tmp_path) == before
-    ph.generate_phantom(tmp_path, ph.PhantomConfig(num_studies=4, seed=1, workers=1), log=lambda *_: None)
+    # A complete phantom of another config (a user's own, given as --config.data.dir) is kept: one line
+    # says what is there and what to do; it is a ValueError so the commands print it without a traceback.
+    with pytest.raises(generator.PhantomFolderError) as e:
+        ph.generate_phantom(tmp_path, ph.PhantomConfig(num_studies=1000, seed=0, workers=1), log=lambda *_: None)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ValueError) and isinstance(e.value, FileExistsError)
+    for part in ("complete phantom of 3 studies (seed 1)", "1000 studies, seed 0", "num_studies, seed",
+                 "empty or new folder", "--config.data.dir", f"delete {tmp_path}"):
+        assert part in msg, msg
+    assert _digest(tmp_path) == before
+    # An explicit request to regenerate (tools/make_phantom.py --force) replaces it.
+    ph.generate_phantom(tmp_path, ph.PhantomConfig(num_studies=4, seed=1, workers=1), reuse=False,
+                        log=lambda *_: None)
     assert len(list((tmp_path / ph.IMAGES_DIR).iterdir())) == 4
+
+
+def test_an_interrupted_generation_is_regenerated(tmp_path):
+    """Marker but no info file: a generation of ours that stopped part-way; it is redone in place."""
+    cfg = ph.PhantomConfig(num_studies=2, seed=4, workers=1)
+    (tmp_path / ph.IMAGES_DIR).mkdir()
+    (tmp_path / ph.MARKER_FILE).write_text("written by vljax.data.phantom\n")
+    (tmp_path / ph.IMAGES_DIR / "PH000000.nii.gz").write_bytes(b"half-written")
+    (tmp_path / ph.INFO_FILE).write_text('{"config": {"num_st')  # cut short while being written
+    info = ph.generate_phantom(tmp_path, cfg, log=lambda *_: None)
+    assert info["config"] == cfg.identity()
+    assert len(load_manifest(tmp_path)) == 2
 
 
 def test_never_overwrites_a_folder_it_did_not_write(tmp_path):

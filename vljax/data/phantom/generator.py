@@ -283,24 +283,53 @@ def _write_csv(path: pathlib.Path, header: list[str], rows: list[list]) -> None:
         w.writerows(rows)
 
 
+def _read_info(info_path: pathlib.Path) -> dict | None:
+    """The info of a complete phantom, or None (absent, or cut short while being written)."""
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("config"), dict) else None
+
+
+def _other_phantom_message(out: pathlib.Path, info: dict, cfg: PhantomConfig) -> str:
+    have, want = info["config"], cfg.identity()
+    differs = [k for k in want if have.get(k) != want[k]]
+    return (f"{out} holds a complete phantom of {info.get('num_studies', have.get('num_studies'))} studies "
+            f"(seed {have.get('seed')}) that differs from the one asked for ({cfg.num_studies} studies, "
+            f"seed {cfg.seed}; differs in {', '.join(differs)}); it is not regenerated in place: choose an "
+            f"empty or new folder (--config.data.dir) or delete {out} to make the new phantom there")
+
+
+class PhantomFolderError(FileExistsError, ValueError):
+    """The output folder holds data this call must not replace. A ValueError too, so that the
+    commands' usual error handling prints its one line instead of a traceback."""
+
+
 def generate_phantom(out_dir: str | os.PathLike, cfg: PhantomConfig = PhantomConfig(), *,
                      reuse: bool = True, log=print) -> dict:
     """Write the phantom dataset to `out_dir` and return its info dict.
 
     With `reuse`, an existing complete dataset generated with the same config is kept as it is
-    (its `phantom_info.json` is written last, so a half-written dataset is never reused)."""
+    (its `phantom_info.json` is written last, so a half-written dataset is never reused), and a
+    complete phantom of another config is refused: a user's phantom (e.g. 24 studies from
+    tools/make_phantom.py, passed as --config.data.dir) is never silently replaced. Only an
+    interrupted generation (marker, no info file) is regenerated. `reuse=False` is an explicit
+    request to regenerate (tools/make_phantom.py --force) and replaces a complete phantom too.
+    Never writes into a non-empty folder this generator did not make."""
     out = pathlib.Path(out_dir)
     info_path = out / INFO_FILE
-    if reuse and info_path.exists():
-        info = json.loads(info_path.read_text())
-        if info.get("config") == cfg.identity():
-            log(f"phantom: reusing {cfg.num_studies} studies in {out}")
-            return info
+    existing = _read_info(info_path)
+    if reuse and existing is not None and existing.get("config") == cfg.identity():
+        log(f"phantom: reusing {cfg.num_studies} studies in {out}")
+        return existing
     marker = out / MARKER_FILE
     if out.exists() and any(out.iterdir()) and not marker.exists():
         # Never delete what this generator did not write (e.g. a real Merlin folder).
-        raise FileExistsError(f"{out} is not empty and was not written by the phantom generator; "
-                              "choose an empty or new directory")
+        raise PhantomFolderError(f"{out} is not empty and was not written by the phantom generator; "
+                                 "choose an empty or new directory")
+    if reuse and existing is not None:
+        raise PhantomFolderError(_other_phantom_message(out, existing, cfg))
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text("written by vljax.data.phantom; the folder may be regenerated\n")
     info_path.unlink(missing_ok=True)
