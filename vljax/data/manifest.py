@@ -308,7 +308,8 @@ def _read_merlin_dir(root: pathlib.Path, *, check_images: bool = True) -> tuple[
         if labels[sid] is None:  # invalid label values, already reported
             continue
         if phenotype_codes and sid not in phenotypes:
-            problems.append(Problem(MISSING_ROW, sid, str(root / PHENOTYPE_TABLE), f"{sid}: no row in {PHENOTYPE_TABLE}"))
+            problems.append(Problem(MISSING_ROW, sid, str(root / PHENOTYPE_TABLE),
+                                    f"{sid}: no row in {PHENOTYPE_TABLE}"))
             continue
         rec = _make_record(sid, str(image), rep["findings"], rep["impression"], rep["split"], labels[sid],
                            phenotypes.get(sid), problems, reports_path)
@@ -338,7 +339,8 @@ def _read_labels(path: pathlib.Path, problems: list[Problem]) -> dict[str, tuple
         row = row + [""] * (len(header) - len(row))
         sid = row[i_id]
         if sid in out:
-            problems.append(Problem(DUPLICATE_ID, sid, str(path), f"{sid}: duplicate study id in {path.name} (line {n})"))
+            problems.append(Problem(DUPLICATE_ID, sid, str(path),
+                                    f"{sid}: duplicate study id in {path.name} (line {n})"))
             continue
         values = []
         for f in FINDINGS:
@@ -454,7 +456,8 @@ def _read_jsonl(path: pathlib.Path, *, check_images: bool = True) -> tuple[Manif
                 if codes is None and isinstance(ph, Mapping):
                     codes = tuple(ph)
                 if not isinstance(ph, Mapping) or tuple(ph) != codes or any(v not in (0, 1) for v in ph.values()):
-                    problem(BAD_PHENOTYPE, sid, f"{sid}: phenotypes must use the same codes on every line with 0/1 values")
+                    problem(BAD_PHENOTYPE, sid,
+                            f"{sid}: phenotypes must use the same codes on every line with 0/1 values")
                     continue
                 phen = tuple(int(ph[c]) for c in codes)
             rec = _make_record(sid, str(image), obj.get("findings", ""), obj.get("impression", ""),
