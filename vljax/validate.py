@@ -13,7 +13,7 @@ any problem is blocking (0 when clean or only warnings). Three levels:
   accepts (`ct.check_geometry`: no shear), oblique axes, and truncation: an uncompressed file
   shorter than vox_offset + the voxel bytes, or a .nii.gz whose gzip trailer (ISIZE, the
   uncompressed size mod 2**32) disagrees with that size, which is what a half-written file shows.
-  The trainer runs this level at start-up.
+  Meant for the trainer to run at start-up, before it builds the model.
 * voxels (`check_voxels`, `--deep`; `ct._read_nifti` in worker processes): corrupt or truncated
   data, NaN/inf, constant volumes, intensities that are not CT in HU.
 
