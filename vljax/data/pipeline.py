@@ -15,11 +15,12 @@ slices are disjoint and their union is the global batch. `to_global` assembles t
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import multiprocessing
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from absl import flags
 import grain
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vljax.data import ct as ct_lib
 from vljax.data import reports as reports_lib
 from vljax.data import sampling
+from vljax.data import workers as workers_lib
 from vljax.data.manifest import StudyRecord
 
 
@@ -280,7 +282,11 @@ class EvalBatches:
 
 
 def make_iterator(source, *, workers: int = 0, prefetch: int = 2, start: int = 0) -> grain.DatasetIterator:
-    """Grain iterator over `source[start:]`, with `workers` processes each building whole batches."""
+    """Grain iterator over `source[start:]`, with `workers` processes each building whole batches.
+
+    The workers end with this process, also when it is killed (`workers.exit_with_parent`). Close the
+    iterator with `close_iterator` (or use `closing_iterator`) when done with it, on every exit path:
+    that stops the workers and unlinks the shared-memory batches they had prefetched."""
     ds = grain.MapDataset.source(source)
     if start:
         ds = ds[start:]
@@ -290,9 +296,30 @@ def make_iterator(source, *, workers: int = 0, prefetch: int = 2, start: int = 0
             # Grain's worker start-up reads its absl flags; outside an absl app (a library call, a
             # notebook, a benchmark) they are not parsed yet and grain would raise. Use the defaults.
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                               per_worker_buffer_size=prefetch))
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+        it_ds = it_ds.mp_prefetch(options, worker_init_fn=workers_lib.exit_with_parent)
+        workers_lib.release_shared_memory_at_exit()
     return iter(it_ds)
+
+
+def close_iterator(it: grain.DatasetIterator) -> None:
+    """Stops `it`'s worker processes and unlinks every shared-memory batch they made, except the ones
+    the caller still holds (those go with their arrays). Idempotent; call it on every exit path.
+
+    Without it an iterator still alive at exit is closed while the interpreter tears down, when Grain
+    can no longer unlink the batches it buffered: the resource tracker warns of "leaked shared_memory
+    objects" (`workers.py` has the details)."""
+    it.close()
+    workers_lib.release_shared_memory()
+
+
+@contextlib.contextmanager
+def closing_iterator(it: grain.DatasetIterator) -> Iterator[grain.DatasetIterator]:
+    """`with closing_iterator(make_iterator(...)) as it:` closes `it` (`close_iterator`) on leaving."""
+    try:
+        yield it
+    finally:
+        close_iterator(it)
 
 
 # ---------------------------------------------------------------------------------------------------
