@@ -99,13 +99,40 @@ class _Child:
         return json.loads(line)
 
     def cleanup(self) -> None:
-        """Kills what a failed test may have left: the child's process group (its workers, their
-        children and the resource tracker are in it)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """Kills what a failed test may have left in the child's process group (its workers and their
+        children are in it), all but the resource tracker, which then unlinks the shared memory of the
+        dead and exits by itself; the group is killed outright only if it does not."""
+        for pid in _group_members(self.proc.pid):
+            if b"resource_tracker" not in _cmdline(pid):
+                _kill(pid)
         self.proc.wait()
+        for pid in _wait_gone(_group_members(self.proc.pid)):
+            _kill(pid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    pids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _alive(pid: int) -> bool:
