@@ -150,3 +150,53 @@ def test_progress_format(clock):
 ])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def _raw_scalars(logdir):
+    """(step, tag, value) of every scalar event in every event file, as stored (no TensorBoard
+    purging of out-of-order steps, which would hide duplicates)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    out = []
+    for path in sorted(logdir.glob("*tfevents*")):
+        for e in LegacyEventFileLoader(str(path)).Load():
+            out += [(e.step, v.tag, v.simple_value) for v in e.summary.value if v.HasField("simple_value")]
+    return out
+
+
+def test_resume_keeps_one_event_file_and_each_step_once(tmp_path):
+    with MetricWriter(tmp_path) as w:          # the first process: steps 1..5, then killed
+        w.write_hparams({"lr": 0.1})
+        for s in range(1, 6):
+            w.write_scalars(s, {"loss": float(s)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "ti')             # a line cut by the kill
+    with MetricWriter(tmp_path, keep_until=2) as w:   # restored at step 2: logs 3.. again
+        for s in range(3, 7):
+            w.write_scalars(s, {"loss": 10.0 * s})
+    with MetricWriter(tmp_path, keep_until=4) as w:   # and again from step 4
+        for s in range(5, 8):
+            w.write_scalars(s, {"loss": 100.0 * s})
+
+    assert len(list(tmp_path.glob("*tfevents*"))) == 1
+    want = [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 500.0), (6, 600.0), (7, 700.0)]
+    assert sorted((s, v) for s, tag, v in _raw_scalars(tmp_path) if tag == "loss") == want
+    assert [(r["step"], r["loss"]) for r in _jsonl(tmp_path)] == want
+    assert _text(_load(tmp_path), "hparams")[0] == 0   # the first process's hparams survive
+    with MetricWriter(tmp_path, keep_until=-1) as w:   # restarted from scratch: nothing kept
+        w.write_scalars(1, {"loss": 0.5})
+    assert [(s, v) for s, _, v in _raw_scalars(tmp_path)] == [(1, 0.5)] and len(_jsonl(tmp_path)) == 1
+
+
+def test_resume_after_a_kill_between_copy_and_delete_keeps_each_event_once(tmp_path, monkeypatch):
+    with MetricWriter(tmp_path) as w:
+        for s in range(1, 4):
+            w.write_scalars(s, {"loss": float(s)})
+    monkeypatch.setattr(mw.os, "remove", lambda path: None)   # old files survive the carry-over
+    MetricWriter(tmp_path, keep_until=2).close()
+    monkeypatch.undo()
+    assert len(list(tmp_path.glob("*tfevents*"))) == 2
+    with MetricWriter(tmp_path, keep_until=2) as w:
+        w.write_scalars(3, {"loss": 3.5})
+    assert len(list(tmp_path.glob("*tfevents*"))) == 1
+    assert sorted((s, v) for s, _, v in _raw_scalars(tmp_path)) == [(1, 1.0), (2, 2.0), (3, 3.5)]

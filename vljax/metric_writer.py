@@ -16,6 +16,7 @@ from time import perf_counter
 from typing import Any
 
 import numpy as np
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -65,19 +66,46 @@ class MetricWriter:
     """Scalars, texts and hparams to TensorBoard event files in ``logdir`` and ``metrics.jsonl``.
 
     Pass ``enabled=jax.process_index() == 0``: a disabled writer creates nothing and every method
-    is a no-op. Opening an existing ``logdir`` (resume) starts a new event file and appends to
-    ``metrics.jsonl``.
+    is a no-op. ``keep_until`` (a run restarted from its checkpoint at that step; -1 when it restarts
+    from scratch) first drops what earlier processes logged at later steps, which the run logs again: the events
+    of every earlier event file are rewritten into this writer's one file and the old files removed,
+    and ``metrics.jsonl`` keeps only its lines of earlier steps. A resumed run's logs then equal an
+    uninterrupted run's (one event file, each step once).
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True, keep_until: int | None = None):
         self.logdir = os.fspath(logdir)
         self.enabled = enabled
         self._events: EventFileWriter | None = None
         self._jsonl = None
         if enabled:
             os.makedirs(self.logdir, exist_ok=True)
+            jsonl = os.path.join(self.logdir, "metrics.jsonl")
+            old_files = _event_files(self.logdir)
             self._events = EventFileWriter(self.logdir)
-            self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a", encoding="utf-8")
+            if keep_until is not None:
+                _truncate_jsonl(jsonl, keep_until)
+                self._carry_over(old_files, keep_until)
+            self._jsonl = open(jsonl, "a", encoding="utf-8")
+
+    def _carry_over(self, old_files: list[str], keep_until: int) -> None:
+        """Copies the events of steps <= `keep_until` from `old_files` into this writer's file, then
+        deletes them. Events are kept once each (by content), so a process killed between the copy
+        and the deletion leaves nothing twice after the next resume."""
+        seen, kept = set(), []
+        for path in old_files:
+            for event in LegacyEventFileLoader(path).Load():  # as stored (no migration)
+                if event.HasField("file_version") or event.step > keep_until:
+                    continue
+                key = event.SerializeToString(deterministic=True)
+                if key not in seen:
+                    seen.add(key)
+                    kept.append(event)
+        for event in sorted(kept, key=lambda e: (e.wall_time, e.step)):
+            self._events.add_event(event)
+        self._events.flush()
+        for path in old_files:
+            os.remove(path)
 
     def _add(self, step: int, summary: summary_pb2.Summary, wall_time: float) -> None:
         self._events.add_event(event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
@@ -137,6 +165,28 @@ class MetricWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _event_files(logdir: str) -> list[str]:
+    return sorted(os.path.join(logdir, n) for n in os.listdir(logdir) if "tfevents" in n)
+
+
+def _truncate_jsonl(path: str, keep_until: int) -> None:
+    """Keeps the lines of steps <= `keep_until` (atomically; a line cut by a kill is dropped)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= keep_until:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def format_duration(seconds: float) -> str:
