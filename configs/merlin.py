@@ -120,6 +120,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.workers = 4                          # Grain worker processes building batches
     c.data.cache_volumes = False                # preprocess every training volume once, keep them in memory
     c.data.prefetch = 2                         # batches buffered per worker
+    # A study whose volume cannot be read: "raise" stops the run naming it; "skip" trains on a
+    # deterministic replacement from the same class stream (batches stay a function of seed and step),
+    # leaves it out of evaluations, and counts and names it (run_stats.json, results.json, the log).
+    c.data.on_error = "raise"
+    c.data.max_skip_fraction = 0.01             # skip: stop when more than this fraction of a split fails
 
     # ---------------------------------------------------------------------------------- model
     c.model = ml_collections.ConfigDict()
@@ -156,6 +161,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_max_studies = 0       # cap on val studies per periodic eval (0 = all)
     c.ckpt_every = 1000
     c.keep_checkpoints = 3
+    # "auto": resume from the workdir's newest readable checkpoint when the config and the dataset
+    # fingerprint match; "force" (experts): resume on changed data too, with a loud warning.
+    c.resume = "auto"
     c.final_eval_split = "test"  # split of the final zero-shot evaluation written to results.json
     c.eval_batch_size = 8
     # Zero-shot prompt set (vljax/evals/zero_shot.py PROMPT_SETS): "merlin" (report sentences written

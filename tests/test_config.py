@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from absl import flags
 import jax
 import pytest
@@ -111,3 +113,80 @@ def test_tiny_is_a_small_phantom_run_with_its_own_geometry():
     assert merlin.get_config("tiny,seed=3").seed == 3
     with pytest.raises(ValueError, match="tiny has its own geometry"):
         merlin.get_config("tiny,geometry=accelerator")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line and set-up mistakes: one line, before any work
+# --------------------------------------------------------------------------------------------------
+_CLI_CASES = {
+    "unknown field": (["--config.foo=1"], r"^error: unknown config field --config\.foo: config has no field 'foo'"),
+    "unknown nested field": (["--config.data.foo.bar=1"],
+                             r"^error: unknown config field --config\.data\.foo\.bar: config\.data has no field 'foo'"),
+    "bad value": (["--config.optim.lr=abc"], r"^error: flag --config\.optim\.lr=abc: could not convert"),
+    "given twice": (["--config.data.shape=8,8,8", "--config.data.shape=4,4,4"],
+                    r"^error: flag --config\.data\.shape is given twice \(--config\.data\.shape=8,8,8 and "),
+    "missing config file": (None, r"^error: --config: there is no config file 'configs/nope\.py'"),
+    "bad config argument": ("bogus", r"^error: configs/merlin\.py: unknown argument 'bogus'"),
+}
+
+
+def test_command_line_mistakes_end_in_one_line_without_a_traceback(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(CONFIG_PATH).parents[1]
+    procs = {}
+    for name, (extra, _) in _CLI_CASES.items():
+        config = ("--config=configs/nope.py" if extra is None else
+                  "--config=configs/merlin.py:bogus" if extra == "bogus" else "--config=configs/merlin.py:tiny")
+        args = [] if extra in (None, "bogus") else extra
+        procs[name] = subprocess.Popen([sys.executable, "-m", "vljax.train", config, *args,
+                                        f"--workdir={tmp_path / name.replace(' ', '_')}"],
+                                       cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = [ln for ln in err.splitlines() if not ln.startswith(("I", "W"))]  # absl's INFO/WARNING lines
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert "Traceback" not in err, name
+        assert re.match(_CLI_CASES[name][1], lines[0]), (name, lines)
+        assert not (tmp_path / name.replace(" ", "_")).exists()  # nothing was started
+
+
+def test_workdir_that_cannot_be_used_is_named(tmp_path, monkeypatch):
+    import pathlib
+
+    from vljax import train
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"--workdir .*a_file/run cannot be a directory: .*a_file is a file"):
+        train._make_workdir(tmp_path / "a_file" / "run")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", denied)
+    with pytest.raises(ValueError, match=r"--workdir .*/run is not writable by this user"):
+        train._make_workdir(tmp_path / "run")
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("data.shape", (8, 8), r"config\.data\.shape must have 3 entries, got 2"),
+    ("model.image.init", "torchvision:/nonexistent/resnet.safetensors",
+     r"config\.model\.image\.init: /nonexistent/resnet\.safetensors does not exist"),
+    ("model.dtype", "float8", r"config\.model\.dtype='float8'"),
+    ("data.on_error", "ignore", r"config\.data\.on_error='ignore'"),
+    ("resume", "always", r"config\.resume='always'"),
+])
+def test_config_errors_stop_before_the_phantom_or_the_model(tmp_path, field, value, error):
+    from vljax import train
+
+    config = merlin.get_config("tiny")
+    *parents, key = field.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[key] = value
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        train.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "phantom").exists()

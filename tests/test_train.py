@@ -9,11 +9,17 @@ the session's 24-study phantom and the 8 fake CPU devices of conftest.py (global
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -214,6 +220,148 @@ def test_stop_and_resume_equals_uninterrupted_run(full_run, phantom_dir, tmp_pat
     ra = json.loads((workdir / "results.json").read_text())
     rb = json.loads((resumed / "results.json").read_text())
     assert ra["zero_shot"] == rb["zero_shot"] and ra["retrieval"] == rb["retrieval"]
+    # One event file and each step's metrics once, as in the uninterrupted run.
+    assert len(list((resumed / "tb").glob("*tfevents*"))) == 1
+    steps = [json.loads(x)["step"] for x in (resumed / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4]  # training steps 1..4, then the final test metrics
+
+
+def _copy_run(full_run, dest):
+    workdir, config, _, _ = full_run
+    shutil.copytree(workdir, dest)
+    return dest
+
+
+def _restore(workdir, config):
+    """`restore_resumable` on `workdir` with the trainer's abstract state and fingerprint."""
+    from vljax import modeling, update
+    from vljax.data.manifest import load_manifest
+
+    manifest = load_manifest(config.data.dir)
+    records = inputs.train_records(config, manifest)
+    fp = checkpointing.dataset_fingerprint(manifest, records, inputs.make_sampler(config, records)[0])
+    model = modeling.abstract_model(modeling.model_spec(config, manifest), config.seed)
+    tx, _ = update.make_optimizer(config)
+    rep = jax.sharding.NamedSharding(modeling.make_mesh(), jax.sharding.PartitionSpec())
+    mngr = checkpointing.checkpoint_manager(pathlib.Path(workdir), config)
+    try:
+        return checkpointing.restore_resumable(mngr, pathlib.Path(workdir),
+                                               checkpointing.abstract_train_state(model, tx, config.seed, rep),
+                                               config, fp)
+    finally:
+        mngr.close()
+
+
+def _halve_data_files(step_dir):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["data_files_cut_in_half", "checkpoint_metadata_emptied", "empty_step_dir"])
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(full_run, tmp_path, damage):
+    _, config, _, _ = full_run
+    run = _copy_run(full_run, tmp_path / "run")
+    step4 = run / "checkpoints" / "4"
+    if damage == "data_files_cut_in_half":
+        _halve_data_files(step4)
+    elif damage == "checkpoint_metadata_emptied":
+        (step4 / "_CHECKPOINT_METADATA").write_text("")
+    else:
+        shutil.rmtree(step4)
+        step4.mkdir()
+    with _absl_messages() as messages:
+        step, state = _restore(run, config)
+    if damage == "checkpoint_metadata_emptied":  # orbax reads the state without it: no fallback needed
+        from vljax.evaluate import state_digests
+
+        assert step == 4 and checkpointing.tree_digest(state["params"]) == state_digests(full_run[0], 4)["params"]
+        return
+    assert step == 2 and int(state["step"]) == 2
+    warning = next(m for m in messages if "checkpoint step 4 cannot be restored" in m)
+    assert "checkpoints_unreadable/4-" in warning and "falling back" in warning
+    (moved,) = (run / "checkpoints_unreadable").iterdir()  # kept for inspection, not deleted
+    assert moved.name.startswith("4-") and not step4.exists()
+
+
+def test_resume_past_a_corrupt_checkpoint_ends_bitwise_equal(full_run, phantom_dir, tmp_path):
+    workdir, config, _, _ = full_run
+    run = _copy_run(full_run, tmp_path / "run")
+    _halve_data_files(run / "checkpoints" / "4")
+    (run / "results.json").unlink()
+    train.train_and_evaluate(tiny_config(phantom_dir), run)  # falls back to step 2, trains 2..4
+    from vljax.evaluate import state_digests
+
+    assert state_digests(run, 4) == state_digests(workdir, 4)
+    assert (run / "train_batches.jsonl").read_text() == (workdir / "train_batches.jsonl").read_text()
+    assert json.loads((run / "results.json").read_text())["zero_shot"] == \
+        json.loads((workdir / "results.json").read_text())["zero_shot"]
+
+
+def test_digest_tells_equal_and_different_states_apart(full_run):
+    from vljax.evaluate import state_digests
+
+    workdir, _, _, _ = full_run
+    d4, d2 = state_digests(workdir), state_digests(workdir, 2)
+    assert d4["step"] == 4 and d2["step"] == 2
+    assert all(len(d4[k]) == 64 and d4[k] != d2[k] for k in ("params", "model_state", "opt_state"))
+    assert state_digests(workdir, 4) == d4
+    tree = {"a": np.arange(3, dtype=np.float32)}
+    flipped = {"a": np.array([0, 1, np.nextafter(np.float32(2), np.float32(3))], np.float32)}
+    assert checkpointing.tree_digest(tree) != checkpointing.tree_digest(flipped)
+
+
+def _dataset_copy(phantom_dir, dest):
+    shutil.copytree(phantom_dir, dest)  # copy2: sizes and mtimes kept, as a move would
+    return dest
+
+
+@pytest.mark.parametrize("change, fields", [
+    ("report", "reports"), ("label", "labels"), ("volume", r"files\); 1 volume file\(s\) differ, e\.g\. PH\d+ \(same names and sizes"),
+    ("split", "sampler, splits, studies, train_records")])
+def test_resume_on_changed_data_is_refused_naming_what_differs(full_run, phantom_dir, tmp_path, change, fields):
+    run = _copy_run(full_run, tmp_path / "run")
+    data = _dataset_copy(phantom_dir, tmp_path / "data")
+    if change in ("report", "split"):
+        with open(data / "reports.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["study_id", "findings", "impression", "split"]
+        k = next(i for i, r in enumerate(rows) if r[3] == "train")
+        if change == "report":
+            rows[k][1] += " Otherwise unremarkable."
+        else:
+            rows[k][3] = "test"
+        with open(data / "reports.csv", "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+    elif change == "label":
+        rows = (data / "zero_shot_findings_disease_cls.csv").read_text().splitlines()
+        cells = rows[1].split(",")
+        cells[1] = "0" if cells[1] == "1" else "1"
+        rows[1] = ",".join(cells)
+        (data / "zero_shot_findings_disease_cls.csv").write_text("\n".join(rows) + "\n")
+    else:
+        vol = sorted((data / "merlin_data").iterdir())[0]
+        vol.write_bytes(vol.read_bytes())  # same bytes, new mtime: rewritten since training
+        os.utime(vol, (vol.stat().st_atime, vol.stat().st_mtime + 5))
+    config = tiny_config(data)
+    with pytest.raises(checkpointing.CheckpointError, match=rf"dataset differs .* \(fields {fields}.*resume=force"):
+        train.train_and_evaluate(config, run)
+    assert not (run / "checkpoints_unreadable").exists()  # a refusal damages nothing
+
+
+def test_resume_on_moved_data_is_allowed_and_force_overrides_a_change(full_run, phantom_dir, tmp_path):
+    _, config, _, _ = full_run
+    run = _copy_run(full_run, tmp_path / "run")
+    moved = _dataset_copy(phantom_dir, tmp_path / "moved")
+    step, _ = _restore(run, tiny_config(moved))
+    assert step == 4
+    vol = sorted((moved / "merlin_data").iterdir())[0]
+    os.utime(vol, (vol.stat().st_atime, vol.stat().st_mtime + 5))
+    forced = tiny_config(moved)
+    forced.resume = "force"
+    with _absl_messages() as messages:
+        step, _ = _restore(run, forced)
+    assert step == 4 and any("config.resume=force: resuming although the dataset differs" in m for m in messages)
 
 
 def test_resume_with_a_different_recipe_is_refused(full_run, phantom_dir, tmp_path):
@@ -276,3 +424,98 @@ def test_missing_data_dir_stops_at_once_naming_the_setting(tmp_path):
 # Locked pretrained text tower (the phantom default's text side)
 # --------------------------------------------------------------------------------------------------
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill and preemption: the real command in a child process
+# --------------------------------------------------------------------------------------------------
+def _train_command(phantom_dir, workdir):
+    c = tiny_config(phantom_dir)
+    return [sys.executable, str(pathlib.Path(__file__).parent / "kill_driver.py"),
+            f"--config={CONFIG_PATH}:tiny", f"--workdir={workdir}", f"--config.data.dir={phantom_dir}",
+            f"--config.data.phantom_studies={c.data.phantom_studies}",
+            f"--config.data.phantom_seed={c.data.phantom_seed}", f"--config.data.phantom_signs={c.data.phantom_signs}",
+            f"--config.total_steps={c.total_steps}", f"--config.optim.warmup_steps={c.optim.warmup_steps}",
+            "--config.log_every=1", "--config.eval_every=0", "--config.ckpt_every=1",
+            "--config.data.workers=1", "--config.data.cache_volumes=False"]
+
+
+def _child_env(**extra):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _live_group_members(pgid: int) -> list[str]:
+    """Processes of group `pgid` that are still running (zombies excluded), as "pid cmdline"."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(f"{stat.parent.name} {cmd}")
+    return out
+
+
+def _assert_group_gone(pgid: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _live_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _live_group_members(pgid), f"orphans left: {_live_group_members(pgid)}"
+
+
+def _run_until(cmd, env, marker: str, sig: int, timeout: float = 240.0) -> tuple[int, str]:
+    """Starts `cmd` in its own process group, sends `sig` to the child alone when `marker` appears in
+    its output, and returns (exit status, output) after checking that no process of the group is left."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=pathlib.Path(__file__).parents[1], start_new_session=True)
+    lines, deadline = [], time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                proc.send_signal(sig)
+                break
+            assert time.monotonic() < deadline, "".join(lines[-30:])
+        lines += proc.stdout.readlines()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _assert_group_gone(proc.pid)
+    return rc, "".join(lines)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_then_sigterm_then_resume_equals_the_uninterrupted_run(full_run, phantom_dir,
+                                                                                        tmp_path):
+    workdir, _, _, _ = full_run
+    run = tmp_path / "run"
+    cmd = _train_command(phantom_dir, run)
+    # 1. SIGKILL while the checkpoint of step 2 is being written (step 1 is committed).
+    rc, out = _run_until(cmd, _child_env(VLJAX_TEST_HOLD_SAVE="2"), "HOLDING SAVE 2", signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out[-3000:]
+    assert any(p.name.startswith("2.") for p in (run / "checkpoints").iterdir())  # the unfinished save
+    # 2. Restarted: resumes from step 1; SIGTERM (a preemption) after step 2 saves and exits 0.
+    rc, out = _run_until(cmd, _child_env(), "step 2/4", signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    assert "resuming from" in out and "at step 1" in out
+    saved = int(re.search(r"SIGTERM: saved a checkpoint at step (\d)", out).group(1))
+    assert saved in (2, 3) and not (run / "results.json").exists()
+    # 3. Restarted again: runs to the end.
+    train.train_and_evaluate(tiny_config(phantom_dir), run)
+    from vljax.evaluate import state_digests
+
+    assert state_digests(run, 4) == state_digests(workdir, 4)
+    assert (run / "train_batches.jsonl").read_text() == (workdir / "train_batches.jsonl").read_text()
+    assert len(list((run / "tb").glob("*tfevents*"))) == 1
+    lines = [json.loads(x) for x in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert json.loads((run / "results.json").read_text())["zero_shot"] == \
+        json.loads((workdir / "results.json").read_text())["zero_shot"]

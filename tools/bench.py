@@ -99,15 +99,14 @@ def bench_pipeline(config, root: pathlib.Path, batches: int, workers: int) -> No
     print(f"{'what':52s} {'batches/s':>10s} {'studies/s':>10s} {'x floor time':>13s}")
     print(f"{'I/O floor: read + gunzip, 1 process':52s} {1 / (t_floor * b):10.2f} {1 / t_floor:10.1f} {1.0:13.2f}")
     for n in sorted({0, workers}):
-        it = pipeline.make_iterator(source, workers=n, prefetch=config.data.prefetch)
-        next(it)  # start-up (worker processes, first batch) is not throughput
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        dt = (time.perf_counter() - t0) / batches
+        with pipeline.closing_iterator(pipeline.make_iterator(source, workers=n, prefetch=config.data.prefetch)) as it:
+            next(it)  # start-up (worker processes, first batch) is not throughput
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            dt = (time.perf_counter() - t0) / batches
         name = f"Grain source, {n} worker{'s' if n != 1 else ''}" + (" (in-process)" if n == 0 else "")
         print(f"{name:52s} {1 / dt:10.2f} {b / dt:10.1f} {dt / (t_floor * b):13.2f}")
-        del it
 
 
 def _load_config(spec: str):

@@ -1,14 +1,22 @@
 """Train state and checkpoints: the state's structure (parameters, other model state, optimiser
 state, step, RNG, first non-finite step), its abstract shapes for restoring, the orbax manager
-(state + Grain iterator + config, asynchronous) and the check that a workdir's checkpoints come
-from a resumable config.
+(state + config + dataset fingerprint, asynchronous), the checks that a workdir's
+checkpoints come from a resumable config and the same data, the fallback past unreadable
+checkpoints, and bitwise digests of a state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
+import shutil
+import time
 from typing import Any
+
+from absl import logging
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +29,21 @@ from vljax.metric_writer import flatten
 from vljax.modeling import Model
 from vljax.run_files import config_json
 
-# Fields that may differ between a checkpointed run and its resumption (they change nothing learnt).
+# Fields that may differ between a checkpointed run and its resumption (they change nothing learnt;
+# `data.on_error`: a run stopped by an unreadable volume may go on with "skip", whose stand-ins are a
+# function of the seed and the step).
 # `data.geometry_backend` only says where `geometry=auto` was resolved; a changed `data.geometry` (or
 # spacing/shape) is refused.
 RESUMABLE_FIELDS = frozenset({
     "log_every", "eval_every", "eval_max_studies", "ckpt_every", "keep_checkpoints", "data.workers",
     "data.prefetch", "final_eval_split", "eval_batch_size", "data.dir", "data.geometry_backend",
-    "data.cache_volumes", "zero_shot_prompts"})
+    "data.cache_volumes", "zero_shot_prompts", "resume", "data.on_error", "data.max_skip_fraction"})
+ITEMS = ("state", "config", "dataset")
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the workdir could be restored, or resuming it would be wrong."""
 
 
 def new_train_state(params, rest, tx, seed: int) -> dict:
@@ -46,7 +62,7 @@ def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
-                                 item_names=("state", "data", "config"))
+                                 item_names=ITEMS)
 
 
 def check_resumable(saved: dict, config) -> None:
@@ -59,6 +75,133 @@ def check_resumable(saved: dict, config) -> None:
                          f"{', '.join(differ)}); resume with the same config or use a new --workdir")
 
 
+def _digest(rows) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:20]
+
+
+def dataset_fingerprint(manifest, train_records, sampler) -> dict:
+    """What the run's batches and evaluations are made of, as digests (no text, no paths): every
+    study's id and split, its labels, report text, phenotypes, volume file name, size and mtime
+    (seconds), the training records in order and the sampler's inputs. Moving the same files to
+    another folder keeps the fingerprint; changing, adding or removing any of them changes it."""
+    recs = manifest.records
+    files = []
+    for r in recs:
+        try:
+            st = os.stat(r.image)
+            files.append([r.study_id, os.path.basename(r.image), st.st_size, int(st.st_mtime)])
+        except OSError:
+            files.append([r.study_id, os.path.basename(r.image), None, None])
+    units = sampler.units
+    return {
+        "studies": {s: sum(r.split == s for r in recs) for s in ("train", "val", "test")},
+        "splits": _digest([r.study_id, r.split] for r in recs),
+        "labels": _digest([r.study_id, list(r.labels)] for r in recs),
+        "reports": _digest([r.study_id, r.findings, r.impression] for r in recs),
+        "phenotypes": _digest([[list(manifest.phenotype_codes)]]
+                              + [[r.study_id, None if r.phenotypes is None else list(r.phenotypes)] for r in recs]),
+        "files": _digest(files),
+        # Per study (name, bytes, mtime): not compared itself, it names the files behind a "files" change.
+        "file_stats": {sid: rest for sid, *rest in files},
+        "train_records": _digest([r.study_id] for r in train_records),
+        "sampler": _digest([repr(sampler), units.available.astype(np.uint8).tolist(),
+                            units.abnormal.astype(np.uint8).tolist()]),
+    }
+
+
+def check_same_dataset(saved: dict | None, now: dict, step: int, force: bool) -> None:
+    """Refuses to resume on other data (the fields that differ); `force` only warns."""
+    detail = ""
+    if saved is None:
+        differ = ["(no fingerprint: the checkpoint predates dataset fingerprints)"]
+    else:
+        differ = sorted(k for k in set(saved) | set(now) if k != "file_stats" and saved.get(k) != now.get(k))
+        old_files, new_files = saved.get("file_stats", {}), now.get("file_stats", {})
+        changed = sorted(k for k in set(old_files) | set(new_files) if old_files.get(k) != new_files.get(k))
+        if "files" in differ and changed:
+            same_size = all(k in old_files and k in new_files and old_files[k][:2] == new_files[k][:2]
+                            for k in changed)
+            detail = (f"; {len(changed)} volume file(s) differ, e.g. {', '.join(changed[:3])}"
+                      + (" (same names and sizes, other modification times: a copy that did not keep "
+                         "times, e.g. cp -r instead of cp -a or rsync -a?)" if same_size else ""))
+    if not differ:
+        return
+    what = (f"the dataset differs from the one checkpoint step {step} was trained on (fields "
+            f"{', '.join(differ)}){detail}")
+    if force:
+        logging.warning("=" * 80)
+        logging.warning("config.resume=force: resuming although %s. The rest of the run trains on "
+                        "other data than its first part.", what)
+        logging.warning("=" * 80)
+        return
+    raise CheckpointError(f"{what}; resume with the same data (files may move: --config.data.dir may "
+                          "differ), use a new --workdir, or --config.resume=force to resume anyway")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _set_aside(mngr: ocp.CheckpointManager, workdir: pathlib.Path, step: int) -> pathlib.Path:
+    """Moves an unreadable step directory out of checkpoints/ (kept for inspection, never deleted)."""
+    dest = workdir / UNREADABLE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(workdir / "checkpoints" / str(step)), str(dest))
+    mngr.reload()
+    return dest
+
+
+def restore_resumable(mngr: ocp.CheckpointManager, workdir: pathlib.Path, abstract_state, config,
+                      fingerprint: dict) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+
+    Each step, newest first, is read whole (config, fingerprint, state). One that
+    cannot be read is named with the reason, moved to WORKDIR/checkpoints_unreadable/ and the next
+    older one is tried. A readable checkpoint from another config or other data stops the run
+    (`check_resumable`, `check_same_dataset`): that is not damage, and no older step would do.
+    """
+    workdir = pathlib.Path(workdir)
+    for step in sorted(mngr.all_steps(), reverse=True):
+        step_dir = workdir / "checkpoints" / str(step)
+        try:
+            saved_config = restore_config(mngr, step)
+            saved_fp = (mngr.restore(step, args=ocp.args.Composite(dataset=ocp.args.JsonRestore()))["dataset"]
+                        if (step_dir / "dataset").is_dir() else None)
+        except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+            _warn_unreadable(step, e, _set_aside(mngr, workdir, step))
+            continue
+        check_resumable(saved_config, config)
+        check_same_dataset(saved_fp, fingerprint, step, force=config.get("resume", "auto") == "force")
+        try:
+            state = restore_state(mngr, step, abstract_state)
+        except Exception as e:  # noqa: BLE001
+            _warn_unreadable(step, e, _set_aside(mngr, workdir, step))
+            continue
+        return step, state
+    return None, None
+
+
+def _warn_unreadable(step: int, e: BaseException, moved_to: pathlib.Path) -> None:
+    logging.warning("checkpoint step %d cannot be restored (%s); moved it to %s and falling back to "
+                    "the previous checkpoint", step, _one_line(e), moved_to)
+
+
+def tree_digest(tree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes: equal digests mean bitwise-equal trees."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Any:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
@@ -69,13 +212,12 @@ def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config) -> None:
-    """Train state, the Grain iterator's position and the config at `step` (asynchronous)."""
-    import grain
-
+def save(mngr: ocp.CheckpointManager, step: int, state, config, fingerprint: dict) -> None:
+    """Train state, the config and the dataset fingerprint at `step` (asynchronous). The data
+    position is the step itself: batch k is a pure function of the seeds and k."""
     mngr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(config_json(config))))
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json(config)),
+        dataset=ocp.args.JsonSave(fingerprint)))
 
 
 def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None = None) -> dict:
@@ -107,8 +249,13 @@ def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None =
             step = max(steps)
         elif step not in steps:
             raise ValueError(f"no checkpoint at step {step}; available: {sorted(steps)}")
-        state = restore_state(mngr, step, abstract)
+        try:
+            state = restore_state(mngr, step, abstract)
+        except Exception as e:  # noqa: BLE001 - say which step and why, not orbax's traceback
+            raise CheckpointError(f"checkpoint step {step} in {workdir / 'checkpoints'} cannot be restored "
+                                  f"({_one_line(e)}); pass --step with one of {sorted(steps)}, or resume "
+                                  "training there, which falls back past unreadable steps") from None
     finally:
         mngr.close()
     return dict(config=config, manifest=manifest, tokenizer=tokenizer, mesh=mesh, model=model,
-                params=state["params"], rest=state["rest"], step=step)
+                params=state["params"], rest=state["rest"], state=state, step=step)

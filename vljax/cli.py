@@ -2,9 +2,13 @@
 
 absl keeps one flag registry per process, so a flag that several commands take is defined here, once,
 whichever command module is imported first; each command reads it through the holder it gets back.
+`parse_flags` is the commands' flag parser: command-line mistakes end in one line, not a traceback.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 from absl import flags
 
@@ -29,3 +33,81 @@ def step() -> flags.FlagHolder:
 
 def data_dir() -> flags.FlagHolder:
     return _once(flags.DEFINE_string, "data_dir", None, "override config.data.dir (data moved since training)")
+
+
+def _flag_name(arg: str) -> str | None:
+    if not arg.startswith("--") or arg == "--":
+        return None
+    name = arg[2:].split("=", 1)[0]
+    return name[2:] if name.startswith("no") and "." not in name and "=" not in arg else name
+
+
+def _check_repeats(args: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for arg in args:
+        if arg == "--":
+            break
+        name = _flag_name(arg)
+        if name is None:
+            continue
+        if name in seen:
+            raise UsageError(f"flag --{name} is given twice ({seen[name]} and {arg}); give it once (a tuple "
+                             f"is one flag: --{name}=a,b,c)")
+        seen[name] = arg
+
+
+def _check_config_file(args: list[str]) -> None:
+    for arg in args:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if path and not os.path.isfile(path):
+                raise UsageError(f"--config: there is no config file {path!r} (relative to {os.getcwd()}); "
+                                 "run from the repository root or give the path of configs/merlin.py")
+
+
+def _unknown_field(args: list[str], key: str) -> str | None:
+    for arg in args:
+        name = _flag_name(arg) or ""
+        if name.startswith("config.") and key in name.split(".")[1:]:
+            return name
+    return None
+
+
+class UsageError(Exception):
+    """A command line that cannot run: said in one line, without a traceback."""
+
+
+def _explain(e: BaseException, args: list[str]) -> str:
+    if isinstance(e, UsageError):
+        return str(e)
+    if isinstance(e, (AttributeError, KeyError)):
+        key = str(e).strip("\"'")
+        name = _unknown_field(args, key)
+        if name is not None:
+            parts = name.split(".")
+            parent = ".".join(parts[:parts.index(key, 1)])
+            return (f"unknown config field --{name}: {parent} has no field {key!r}; see configs/merlin.py "
+                    "for the fields and their spelling")
+    if isinstance(e, flags.Error) and "Traceback" not in str(e):
+        text = str(e).strip()
+        if text:  # "flag --config.optim.lr=abc: could not convert string to float: 'abc'"
+            return text.splitlines()[0]
+    # Otherwise the innermost exception's first line says what is wrong.
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run(main, flags_parser=cli.parse_flags)`: absl's parsing, but a flag given twice, a
+    missing --config file, an unknown --config.* field or a bad value ends the process with one line
+    saying what and which flag (exit status 2), not a traceback."""
+    args = list(argv[1:])
+    try:
+        _check_repeats(args)
+        _check_config_file(args)
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - every parsing failure is a usage error here
+        sys.stderr.write(f"error: {_explain(e, args)}\nPass --helpshort or --helpfull to see the flags.\n")
+        sys.exit(2)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from vljax import inputs, losses
+from vljax.data import ct as ct_lib
 from vljax.data import pipeline
 from vljax.evals import prompts, zero_shot
 from vljax.modeling import Model
@@ -92,28 +93,48 @@ class Evaluator:
             volumes = None
             if config.data.get("cache_volumes", False) and len(records) >= PRELOAD_MIN_STUDIES:
                 volumes = pipeline.preload_volumes(records, inputs.ct_config(config),
-                                                   workers=max(1, os.cpu_count() or 1))
+                                                   workers=max(1, os.cpu_count() or 1),
+                                                   on_error=config.data.get("on_error", "raise"))
+            on_error = config.data.get("on_error", "raise")
+            bad = ()
+            if volumes is not None:
+                volumes, bad = volumes
             self._sources[key] = pipeline.EvalBatches(
                 records, inputs.text_table(config, self.tokenizer, records), config.eval_batch_size,
                 inputs.ct_config(config), process_index=jax.process_index(),
-                process_count=jax.process_count(), volumes=volumes)
+                process_count=jax.process_count(), volumes=volumes, on_error=on_error, bad=bad)
         return self._sources[key]
 
     def embed_images(self, params, rest, records, *, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(pooled image features, image embeddings, labels) of `records`, in order, every process's."""
-        feats, embs, labels = [], [], []
-        for batch in pipeline.make_iterator(self._source(records), workers=workers):
-            valid = np.asarray(multihost_utils.process_allgather(batch["valid"].astype(bool), tiled=True))
-            lab = np.asarray(multihost_utils.process_allgather(batch["labels"], tiled=True))
-            f, e = self._image(params, rest, pipeline.to_global({"image": batch["image"]}, self.mesh)["image"])
-            feats.append(np.asarray(f)[valid])
-            embs.append(np.asarray(e)[valid])
-            labels.append(lab[valid])
+        """(pooled image features, image embeddings, labels) of `records`, in order, every process's;
+        with `config.data.on_error=skip` only of the studies whose volume could be read
+        (`skipped_positions` after the call names the others)."""
+        feats, embs, labels, kept = [], [], [], []
+        with pipeline.closing_iterator(pipeline.make_iterator(self._source(records), workers=workers)) as it:
+            for batch in it:
+                valid = np.asarray(multihost_utils.process_allgather(batch["valid"].astype(bool), tiled=True))
+                lab = np.asarray(multihost_utils.process_allgather(batch["labels"], tiled=True))
+                pos = np.asarray(multihost_utils.process_allgather(batch["position"], tiled=True))
+                f, e = self._image(params, rest, pipeline.to_global({"image": batch["image"]}, self.mesh)["image"])
+                feats.append(np.asarray(f)[valid])
+                embs.append(np.asarray(e)[valid])
+                labels.append(lab[valid])
+                kept.append(pos[valid])
+        kept = np.concatenate(kept)
+        self.skipped_positions = sorted(set(range(len(records))) - set(kept.tolist()))
         return np.concatenate(feats), np.concatenate(embs), np.concatenate(labels)
 
     def evaluate(self, params, rest, records, *, workers: int = 0) -> dict:
         """Zero-shot (30 findings), image->report retrieval and InfoNCE loss on `records`."""
         _, img, lab = self.embed_images(params, rest, records, workers=workers)
+        skipped = [records[i].study_id for i in self.skipped_positions]
+        if len(skipped) > self.config.data.get("max_skip_fraction", 0.0) * len(records):
+            raise ct_lib.CTLoadError(
+                f"{len(skipped)} of {len(records)} evaluation studies cannot be read (e.g. {skipped[:5]}), more "
+                f"than config.data.max_skip_fraction={self.config.data.max_skip_fraction}; run "
+                "`python -m vljax.validate --data_dir=... --deep` and fix or remove them")
+        if skipped:
+            records = [r for i, r in enumerate(records) if i not in set(self.skipped_positions)]
         txt = self.embed_texts(params, rest, pipeline.full_report_texts(records))
         scale = float(self._scale(params, rest))
         phrase_emb = self.embed_texts(params, rest, self.prompts.texts)
@@ -124,6 +145,7 @@ class Evaluator:
                         for s in range(0, (len(img) // b) * b, b)]
         return {
             "num_studies": int(len(img)),
+            "skipped": {"count": len(skipped), "studies": skipped},
             "loss": float(np.mean(batch_losses)) if batch_losses else None,
             "zero_shot": zero_shot.zero_shot_metrics(scores, lab, seed=0),
             "retrieval": zero_shot.retrieval_metrics(img, txt),

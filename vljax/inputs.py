@@ -46,6 +46,40 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Ma
     return load_manifest(data_dir)
 
 
+def check_volume_headers(config: ml_collections.ConfigDict, manifest: Manifest) -> tuple[Manifest, list]:
+    """Every study's NIfTI header (`vljax.validate.check_headers`: no voxel decoded), before the
+    model is built. Blocking problems stop the run listing them (`on_error="raise"`), or
+    (`"skip"`) their studies leave the dataset, unless more than `max_skip_fraction` of a split
+    would; warnings are logged. Returns the manifest to use and the studies left out (`Problem`s)."""
+    from vljax import validate
+
+    problems = validate.check_headers(manifest.records, spacing=tuple(config.data.spacing))
+    for p in problems:
+        if not validate.is_blocking(p):
+            logging.warning("%s", validate.problem_line(p))
+    blocking = [p for p in problems if validate.is_blocking(p)]
+    if not blocking:
+        return manifest, []
+    if config.data.get("on_error", "raise") != "skip":
+        try:
+            validate.raise_if_blocking(blocking, str(config.data.dir or manifest.root))
+        except validate.DatasetError as e:
+            raise validate.DatasetError(f"{e}\nOr train without them: --config.data.on_error=skip.") from None
+    bad = {p.study_id for p in blocking}
+    for split in ("train", "val", "test"):
+        recs = manifest.split(split)
+        n_bad = sum(r.study_id in bad for r in recs)
+        if recs and n_bad > config.data.max_skip_fraction * len(recs):
+            raise validate.DatasetError(
+                f"{n_bad} of {len(recs)} {split} studies have unreadable volumes, more than "
+                f"config.data.max_skip_fraction={config.data.max_skip_fraction} (e.g. "
+                f"{sorted(bad)[:5]}); run `python -m vljax.validate --data_dir=... --deep` and fix or remove them")
+    for p in blocking:
+        logging.warning("config.data.on_error=skip: left out %s", validate.problem_line(p))
+    kept = tuple(r for r in manifest.records if r.study_id not in bad)
+    return dataclasses.replace(manifest, records=kept), blocking
+
+
 def ct_config(config: ml_collections.ConfigDict) -> ct_lib.CTPreprocessConfig:
     d = config.data
     return ct_lib.CTPreprocessConfig(spacing=tuple(d.spacing), shape=tuple(d.shape),
@@ -186,17 +220,19 @@ def train_source(config, manifest: Manifest, tokenizer, text_fn: Callable | None
         unit_texts = pipeline.tokenize_units(tokenizer, texts, units, config.data.max_text_len)
         if text_fn is not None:
             unit_texts = dataclasses.replace(unit_texts, table=cache_text_features(unit_texts.table, text_fn))
-    volumes = None
+    volumes, bad = None, []
+    on_error = config.data.get("on_error", "raise")
     if config.data.get("cache_volumes", False):  # small inputs: decode and resample every training volume once
         t0 = time.perf_counter()
-        volumes = pipeline.preload_volumes(records, ct_config(config), workers=max(1, os.cpu_count() or 1))
+        volumes, bad = pipeline.preload_volumes(records, ct_config(config), workers=max(1, os.cpu_count() or 1),
+                                                on_error=on_error)
         logging.info("cached %d preprocessed training volumes (%.1f MiB) in %.1f s", len(volumes),
                      volumes.nbytes / 2**20, time.perf_counter() - t0)
     return pipeline.TrainBatches(records, unit_texts, sampler,
                                  config.total_steps, ct_config(config),
                                  with_phenotypes=config.model.phenotype_weight > 0,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                 volumes=volumes)
+                                 volumes=volumes, on_error=on_error, bad=bad)
 
 
 def batch_spec(config, *, num_phenotypes: int, hidden_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:

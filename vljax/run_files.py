@@ -13,8 +13,10 @@ import pathlib
 import subprocess
 import time
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from vljax.data import sampling as sampling_lib
 
@@ -63,15 +65,77 @@ def write_results(workdir: pathlib.Path, split: str, step: int, result: dict, co
     return write_json_atomic(pathlib.Path(workdir) / name, payload)
 
 
-def write_run_stats(workdir: pathlib.Path, config: ml_collections.ConfigDict, sampler) -> dict:
+def write_run_stats(workdir: pathlib.Path, config: ml_collections.ConfigDict, sampler, left_out=()) -> dict:
     """WORKDIR/run_stats.json: what the batches of the whole run contain (they are a pure function of
-    the seeds and the step, so this holds for every run of this config, resumed or not)."""
+    the seeds and the step, so this holds for every run of this config, resumed or not), and the
+    studies left out because their volumes cannot be read (`config.data.on_error=skip`): at start-up
+    (`left_out`: header problems) and during training (`SkipLog`)."""
     stats = sampling_lib.run_statistics(sampler, config.total_steps)
     stats = {"sampling": config.data.sampling, "train_fraction": config.data.train_fraction,
              "seeds": {"model": config.seed, "data_order": config.data_seed, "subset": config.subset_seed},
-             **stats}
-    (pathlib.Path(workdir) / "run_stats.json").write_text(json.dumps(stats, indent=2))
+             **stats,
+             "left_out_at_start": [{"study_id": p.study_id, "kind": p.kind, "file": p.path} for p in left_out]}
+    write_json_atomic(pathlib.Path(workdir) / "run_stats.json", stats)
     return stats
+
+
+class SkipLog:
+    """Training studies whose volume could not be read (`config.data.on_error=skip`): each is named
+    once in the log and in run_stats.json ("skipped_in_training": study, file, first step; and the
+    count of stand-ins used), and the run stops when more than `max_fraction` of the training
+    studies have failed. `record` returns a step's stand-ins {batch position: study index} for the
+    batch log, from which `start` recounts them when the run resumes."""
+
+    def __init__(self, stats_path: pathlib.Path, source, max_fraction: float, enabled: bool = True):
+        self.stats_path, self.enabled, self.max_fraction = pathlib.Path(stats_path), enabled, max_fraction
+        self.records, self.sampler, self.slice = source.loader.records, source.sampler, source.slice
+        self.failed: dict[str, dict] = {}
+        self.stand_ins = 0
+        self._dirty = False
+
+    def start(self, batch_log: pathlib.Path) -> None:
+        """Recounts what the steps kept in the batch log (those before the restored step) skipped."""
+        if not batch_log.exists():
+            return
+        for line in batch_log.read_text().splitlines():
+            entry = json.loads(line)
+            for sid in entry.get("stand_ins", {}):
+                self.failed.setdefault(sid, {"study_id": sid, "first_step": entry["step"]})
+                self.stand_ins += 1
+        for sid, item in self.failed.items():
+            item["file"] = next((r.image for r in self.records if r.study_id == sid), None)
+        self._dirty = bool(self.failed)  # run_stats.json is rewritten at start-up
+
+    def record(self, step: int, meta) -> dict[int, int] | None:
+        skipped = meta.get("skipped")
+        if skipped is None or not len(skipped):
+            return None
+        local = np.asarray(meta["study_index"])
+        planned = self.sampler.indices(step)[self.slice]
+        stand = {self.slice.start + k: int(n) for k, (o, n) in enumerate(zip(planned, local)) if o != n}
+        self.stand_ins += len(stand)
+        self._dirty = True
+        for i in np.asarray(skipped):
+            r = self.records[int(i)]
+            if r.study_id not in self.failed:
+                self.failed[r.study_id] = {"study_id": r.study_id, "file": r.image, "first_step": int(step)}
+                logging.warning("study %s (%s) cannot be read; stand-ins from its class stream take its place "
+                                "(config.data.on_error=skip)", r.study_id, r.image)
+        if len(self.failed) > self.max_fraction * len(self.records):
+            self.flush()
+            raise ValueError(f"{len(self.failed)} of {len(self.records)} training studies cannot be read (e.g. "
+                             f"{sorted(self.failed)[:5]}), more than config.data.max_skip_fraction="
+                             f"{self.max_fraction}; run `python -m vljax.validate --data_dir=... --deep` and fix "
+                             "or remove them")
+        return stand
+
+    def flush(self) -> None:
+        if self.enabled and self._dirty and self.stats_path.exists():
+            stats = json.loads(self.stats_path.read_text())
+            stats["skipped_in_training"] = {"studies": sorted(self.failed.values(), key=lambda x: x["first_step"]),
+                                            "stand_ins_used": self.stand_ins}
+            write_json_atomic(self.stats_path, stats)
+            self._dirty = False
 
 
 class BatchLog:
@@ -94,11 +158,19 @@ class BatchLog:
         kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
-    def add(self, step: int) -> None:
+    def add(self, step: int, stand_ins: dict[int, int] | None = None) -> None:
+        """Step `step`'s line; `stand_ins` ({batch position: study index}, `SkipLog.record`) replace
+        unreadable studies, and the line names them ({skipped id: stand-in id})."""
         if self.enabled:
             b = self.sampler.batch(step)
-            self._lines.append(json.dumps({"step": int(step), "unit": sampling_lib.UNITS[int(b.unit)],
-                                           "studies": [self.study_ids[i] for i in b.indices]}))
+            studies = [self.study_ids[i] for i in b.indices]
+            entry = {"step": int(step), "unit": sampling_lib.UNITS[int(b.unit)], "studies": studies}
+            if stand_ins:
+                entry["stand_ins"] = {}
+                for pos, new in sorted(stand_ins.items()):
+                    entry["stand_ins"][studies[pos]] = self.study_ids[new]
+                    studies[pos] = self.study_ids[new]
+            self._lines.append(json.dumps(entry))
 
     def flush(self) -> None:
         if self._lines:

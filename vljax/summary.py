@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 from absl import app, flags
 
+from vljax import cli
 from vljax.data import ct
 from vljax.data.findings import FINDINGS, SECTIONS
 from vljax.data.manifest import load_manifest, summarize
@@ -77,4 +78,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -3,28 +3,30 @@ r"""Contrastive training of the CT dual encoder, end to end.
   python -m vljax.train --config=configs/merlin.py:phantom --workdir=/tmp/vljax_run
 
 Writes into the workdir: `config.json` (the resolved config), `checkpoints/` (orbax: parameters,
-optimiser state, step, RNG, data-iterator state, config; asynchronous), `tb/` (TensorBoard events and
+optimiser state, step, RNG, config, dataset fingerprint; asynchronous), `tb/` (TensorBoard events and
 `metrics.jsonl`), `run_stats.json` (what the run's batches contain: unique studies, class counts,
 steps per text unit, normal fraction per batch), `train_batches.jsonl` (text unit and study ids of
 every step trained) and, at the end, `results.json` (zero-shot and retrieval on `config.final_eval_split`)
 and `zero_shot_<split>.png` (per-finding F1 and AUROC against the baselines; the log gets the macro
 scores and the best and worst findings). Started again on the same workdir, the run resumes from its
-last checkpoint with the same data order.
+newest readable checkpoint with the same data order (refusing another config or other data); SIGTERM
+checkpoints the step being trained and exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import signal
+import threading
 
 from absl import app, flags, logging
-import grain
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 
 from vljax import checkpointing, cli, inputs, modeling, run_files, update
 from vljax.data import pipeline
@@ -32,6 +34,7 @@ from vljax.data import sampling as sampling_lib
 from vljax.evals import report
 from vljax.evaluator import Evaluator
 from vljax.metric_writer import MetricWriter, Progress
+from vljax.models import two_tower
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/merlin.py[:args])",
                                           lock_config=True)
@@ -61,9 +64,58 @@ def _check_config(config, mesh) -> None:
                                sections=d.sections, period=d.section_period, order=d.section_order,
                                seeds={"seed": config.seed, "data_seed": config.data_seed,
                                       "subset_seed": config.subset_seed})
+    if config.get("resume", "auto") not in ("auto", "force"):
+        raise ValueError(f"config.resume={config.resume!r}: expected 'auto' or 'force'")
+    if d.get("on_error", "raise") not in ("raise", "skip"):
+        raise ValueError(f"config.data.on_error={d.on_error!r}: expected 'raise' or 'skip'")
+    if not 0.0 <= d.get("max_skip_fraction", 0.0) < 1.0:
+        raise ValueError(f"config.data.max_skip_fraction={d.max_skip_fraction}: expected a fraction in [0, 1)")
+    try:
+        inputs.ct_config(config)
+    except ValueError as e:  # its messages name CTPreprocessConfig's fields, which are config.data's
+        raise ValueError(str(e).replace("CTPreprocessConfig.", "config.data.")) from None
+    spec = two_tower.ModelSpec.from_config(config.model)
+    for field, path in (("model.image.init", spec.image_init.partition("torchvision:")[2]),
+                        ("model.text.path", spec.text_path if spec.text_init == "pretrained" else None),
+                        ("data.tokenizer", d.tokenizer)):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{field}: {path} does not exist")
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % mesh.size:
             raise ValueError(f"config.{name}={config[name]} is not divisible by the {mesh.size} devices")
+
+
+@contextlib.contextmanager
+def _sigterm_sets(event: threading.Event):
+    """SIGTERM (what a preemption or `kill` sends) sets `event` instead of killing the process: the
+    loop then checkpoints the step it finished and returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _make_workdir(workdir: pathlib.Path) -> None:
+    """Creates the workdir, or says in one line why it cannot be used."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".vljax_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [workdir, *workdir.parents] if p.exists() and not p.is_dir()), workdir)
+        raise ValueError(f"--workdir {workdir} cannot be a directory: {blocker} is a file; choose another "
+                         "--workdir") from None
+    except PermissionError:
+        raise ValueError(f"--workdir {workdir} is not writable by this user; choose a writable --workdir "
+                         "(or fix its permissions)") from None
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir} cannot be created or written ({e.strerror}); choose a "
+                         "writable --workdir") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -71,26 +123,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Runs (or resumes) the training job in `workdir`; returns the final results (process 0).
 
     `stop_at_step` ends the process's work early after saving a checkpoint there, as a preemption
-    would (for tests of exact resumption).
+    would (for tests of exact resumption). SIGTERM does the same at the step being trained; both
+    return None.
     """
+    preempted = threading.Event()
+    with _sigterm_sets(preempted):
+        return _train_and_evaluate(config, workdir, stop_at_step, preempted)
+
+
+def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: threading.Event) -> dict | None:
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        _make_workdir(workdir)
     mesh = modeling.make_mesh()
     replicated = NamedSharding(mesh, P())
     _check_config(config, mesh)  # before any work: a bad option costs nothing
     manifest = inputs.resolve_data(config, workdir)
+    manifest, excluded = inputs.check_volume_headers(config, manifest)  # before the model is built
     tokenizer = inputs.tokenizer_for(config)
+
+    train_records = inputs.train_records(config, manifest)
+    fingerprint = checkpointing.dataset_fingerprint(manifest, train_records,
+                                                    inputs.make_sampler(config, train_records)[0])
 
     model = modeling.abstract_model(modeling.model_spec(config, manifest), config.seed)
     tx, schedule = update.make_optimizer(config)
     mngr = checkpointing.checkpoint_manager(workdir, config)
-    latest = mngr.latest_step()
     abstract_state = checkpointing.abstract_train_state(model, tx, config.seed, replicated)
+    latest, state = checkpointing.restore_resumable(mngr, workdir, abstract_state, config, fingerprint)
     if latest is not None:
-        checkpointing.check_resumable(checkpointing.restore_config(mngr, latest), config)
-        state = checkpointing.restore_state(mngr, latest, abstract_state)
         logging.info("resuming from %s at step %d", workdir / "checkpoints", latest)
     else:
         params, rest = modeling.init_model(model, config.seed, replicated)
@@ -101,17 +163,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         text_fn = modeling.locked_text_fn(model, state["params"], state["rest"], mesh)
     source = inputs.train_source(config, manifest, tokenizer, text_fn)
     del text_fn  # it holds the initial state's buffers, which the first step donates
-    data_iter = pipeline.make_iterator(source, workers=config.data.workers, prefetch=config.data.prefetch)
-    if latest is not None:
-        data_iter = mngr.restore(latest, args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(data_iter)))["data"]
+    # Item k of the source is step k's batch (a pure function of the seeds and k), so resuming at step
+    # `start` needs no iterator state: the iterator starts there, whatever the worker count.
     start = int(state["step"])
+    data_iter = pipeline.make_iterator(source, workers=config.data.workers, prefetch=config.data.prefetch,
+                                       start=start)
+    skips = run_files.SkipLog(workdir / "run_stats.json", source, config.data.max_skip_fraction, enabled=is_main)
     batch_log = run_files.BatchLog(workdir / "train_batches.jsonl", source.sampler,
                                    [r.study_id for r in source.loader.records], enabled=is_main)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(run_files.config_json(config), indent=2))
         batch_log.start(start)
-        stats = run_files.write_run_stats(workdir, config, source.sampler)
+        skips.start(batch_log.path)
+        stats = run_files.write_run_stats(workdir, config, source.sampler, excluded)
         logging.info("sampling %s: %d training studies, %d steps (%s), normal fraction per batch "
                      "min/mean/max %.3f/%.3f/%.3f -> %s", config.data.sampling, stats["train_studies"],
                      config.total_steps, ", ".join(f"{k} {v}" for k, v in stats["steps_per_unit"].items()),
@@ -120,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_step = jax.jit(update.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0,
                          out_shardings=(jax.tree.map(lambda x: x.sharding, abstract_state), replicated))
     evaluator = Evaluator(config, model, mesh, tokenizer)
-    writer = MetricWriter(workdir / "tb", enabled=is_main)
+    writer = MetricWriter(workdir / "tb", enabled=is_main, keep_until=start if latest is not None else -1)
     if start == 0:
         writer.write_hparams(run_files.config_json(config))
     progress = Progress(config.total_steps, start, config.batch_size)
@@ -138,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             batch = next(data_iter)
             if int(batch["meta"]["step"]) != step:
                 raise RuntimeError(f"data iterator is at step {int(batch['meta']['step'])}, trainer at {step}")
-            batch_log.add(step)
+            batch_log.add(step, stand_ins=skips.record(step, batch["meta"]))
             state, m = train_step(state, pipeline.to_global(batch["inputs"], mesh))
             acc = m if acc is None else acc.merge(m)
             done = step + 1
@@ -148,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 acc = None
                 check_finite()
                 batch_log.flush()
+                skips.flush()
                 speed = progress.update(done)
                 writer.write_scalars(done, {**values, **speed})
                 logging.info(progress.format(done, values, speed))
@@ -159,21 +224,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                             "val/retrieval_r5": val["retrieval"]["r5"]})
                 logging.info("step %d val: loss %s zero-shot macro F1 %.4f (all-positive %.4f)", done,
                              val["loss"], val["zero_shot"]["macro_f1"], val["zero_shot"]["baselines"]["all_positive"])
-            if done % config.ckpt_every == 0 or done == config.total_steps or done == stop_at_step:
+            stopping = preempted.is_set() or done == stop_at_step
+            if done % config.ckpt_every == 0 or done == config.total_steps or stopping:
                 check_finite()
                 batch_log.flush()
-                checkpointing.save(mngr, done, state, data_iter, config)
+                skips.flush()
+                checkpointing.save(mngr, done, state, config, fingerprint)
             last_step = done
-            if stop_at_step is not None and done >= stop_at_step:
+            if stopping:
                 mngr.wait_until_finished()
                 writer.close()
+                if done != stop_at_step:
+                    logging.warning("SIGTERM: saved a checkpoint at step %d and stopped; start the same "
+                                    "command again to resume", done)
                 return None
         mngr.wait_until_finished()
     except BaseException:
         batch_log.flush()  # the steps trained so far, the failing one included
+        skips.flush()
         mngr.wait_until_finished()  # never leave a half-written checkpoint behind
         writer.close()
         raise
+    finally:  # stops Grain's workers and unlinks their shared-memory batches
+        pipeline.close_iterator(data_iter)
 
     split = config.final_eval_split
     result = evaluator.evaluate(state["params"], state["rest"], manifest.split(split))
@@ -210,10 +283,11 @@ def main(argv):
         jax.distributed.initialize()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, NonFiniteLossError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, NonFiniteLossError, FileNotFoundError, ModuleNotFoundError,
+            checkpointing.CheckpointError) as e:
         logging.error("%s", e)
         raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -55,6 +55,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vljax import cli
 from vljax.data import ct
 from vljax.data import manifest as manifest_lib
 from vljax.data.manifest import Problem
@@ -102,19 +103,33 @@ def check_headers(records: Sequence, *, workers: int | None = None,
                   spacing: Sequence[float] = ct.CTPreprocessConfig().spacing) -> list[Problem]:
     """Header-level problems of every record's image (`study_id`, `image`), in record order.
 
-    Reads headers only (nibabel's header and affine, the file size or gzip trailer), in `workers`
-    threads (default: cpu count + 4, at most 32; the work is file I/O). `spacing` is the
-    preprocessing target, for the shear test `ct.preprocess_ct` applies.
+    Reads headers only (nibabel's header and affine, the file size or gzip trailer). By default
+    1,000 files or more are checked in one process per CPU (the checks are Python-bound) and fewer in
+    threads; `workers=N` uses N threads (for network storage, where the wait is I/O). `spacing` is
+    the preprocessing target, for the shear test `ct.preprocess_ct` applies.
     """
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
     spacing = tuple(float(s) for s in spacing)
-    jobs = [(r.study_id, os.fspath(r.image)) for r in records]
+    jobs = [(r.study_id, os.fspath(r.image), spacing) for r in records]
+    cpus = os.cpu_count() or 1
     if workers == 1 or len(jobs) <= 1:
-        results = [_header_problems(sid, path, spacing) for sid, path in jobs]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(lambda job: _header_problems(*job, spacing), jobs))
+        results = [_header_problems(*job) for job in jobs]
+    elif len(jobs) >= _PROCESSES_FROM and cpus > 1 and not workers:
+        # The checks are Python-bound (~2-3 ms a file, nibabel's header parsing and the geometry
+        # test), so threads do not add up; processes do (spawned: callers may have imported JAX).
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(cpus, mp_context=ctx) as pool:
+            results = list(pool.map(_header_job, jobs, chunksize=max(1, len(jobs) // (8 * cpus))))
+    else:  # few files, or on network storage where waiting on I/O dominates
+        with concurrent.futures.ThreadPoolExecutor(workers or min(32, cpus + 4)) as pool:
+            results = list(pool.map(_header_job, jobs))
     return [p for ps in results for p in ps]
+
+
+_PROCESSES_FROM = 1000  # files; below, starting processes costs more than it saves
+
+
+def _header_job(job: tuple[str, str, tuple[float, ...]]) -> list[Problem]:
+    return _header_problems(*job)
 
 
 def _header_problems(sid: str, path: str, spacing: tuple[float, ...]) -> list[Problem]:
@@ -331,4 +346,4 @@ if __name__ == "__main__":
     from absl import app
 
     _FLAGS = _define_flags()
-    app.run(lambda argv: main(argv, _FLAGS))
+    app.run(lambda argv: main(argv, _FLAGS), flags_parser=cli.parse_flags)

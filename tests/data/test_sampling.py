@@ -6,6 +6,8 @@ phantom of conftest.py.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -296,7 +298,8 @@ def test_host_slices_are_disjoint_and_complete(processes):
         pipeline.host_slice(8, 0, 3)
 
 
-def _source(phantom_dir, strategy="alternating", process_index=0, process_count=1, cache_volumes=False, **kw):
+def _source(phantom_dir, strategy="alternating", process_index=0, process_count=1, cache_volumes=False,
+            on_error="raise", **kw):
     from vljax.data.reports import load_tokenizer
 
     records = load_manifest(phantom_dir).split("train")
@@ -305,9 +308,9 @@ def _source(phantom_dir, strategy="alternating", process_index=0, process_count=
     sampler = sampling.make_sampler(units, 4, 0, strategy=strategy, **kw)
     unit_texts = pipeline.tokenize_units(load_tokenizer(), texts, (0,) + sampler.schedule.sections, 48)
     cfg = ct_lib.CTPreprocessConfig(spacing=(30.0, 30.0, 40.0), shape=(8, 8, 6))
-    volumes = pipeline.preload_volumes(records, cfg, workers=2) if cache_volumes else None
+    volumes, bad = pipeline.preload_volumes(records, cfg, workers=2, on_error=on_error) if cache_volumes else (None, ())
     return pipeline.TrainBatches(records, unit_texts, sampler, 12, cfg, process_index=process_index,
-                                 process_count=process_count, volumes=volumes), texts
+                                 process_count=process_count, volumes=volumes, on_error=on_error, bad=bad), texts
 
 
 def _flat(item: dict) -> dict:
@@ -421,3 +424,74 @@ def test_the_three_seeds_are_independent(phantom_dir):
     other_order = data(data_seed=5)
     assert other_order[0] == base[0] and other_order[1] != base[1]
     assert data(subset_seed=5)[0] != base[0]
+
+
+def _damaged_copy(phantom_dir, tmp_path, n_bad=1):
+    """A copy of the phantom whose first `n_bad` training volumes are cut in half (unreadable)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    bad = load_manifest(data).split("train")[:n_bad]
+    for r in bad:
+        raw = pathlib.Path(r.image).read_bytes()
+        pathlib.Path(r.image).write_bytes(raw[: len(raw) // 2])
+    return data, [r.study_id for r in bad]
+
+
+@pytest.mark.parametrize("strategy, kw", [("random", {}), ("balanced", {"balance_ratio": 0.25, "alternate": False})])
+@pytest.mark.parametrize("cache_volumes", [False, True])
+def test_skip_stands_in_a_study_of_the_same_class_stream_deterministically(phantom_dir, tmp_path, strategy, kw,
+                                                                          cache_volumes):
+    data, (bad_id,) = _damaged_copy(phantom_dir, tmp_path)
+    if cache_volumes:
+        records = load_manifest(data).split("train")
+        cfg = ct_lib.CTPreprocessConfig(spacing=(30.0, 30.0, 40.0), shape=(8, 8, 6))
+        volumes, bad = pipeline.preload_volumes(records, cfg, workers=1, on_error="skip")
+        assert [records[i].study_id for i in bad] == [bad_id] and not volumes[bad[0]].any()
+    src, _ = _source(data, strategy, cache_volumes=cache_volumes, on_error="skip", **kw)
+    clean, _ = _source(phantom_dir, strategy, **kw)
+    bad_index = [r.study_id for r in src.loader.records].index(bad_id)
+    seen = 0
+    for step in range(12):
+        item, again, ref = src[step], src[step], clean[step]
+        planned = src.sampler.indices(step)
+        got = item["meta"]["study_index"]
+        np.testing.assert_array_equal(got, again["meta"]["study_index"])   # a function of (seed, step)
+        np.testing.assert_array_equal(item["inputs"]["image"], again["inputs"]["image"])
+        if bad_index not in planned:
+            np.testing.assert_array_equal(item["inputs"]["image"], ref["inputs"]["image"])
+            assert not len(item["meta"]["skipped"])
+            continue
+        seen += 1
+        assert item["meta"]["skipped"].tolist() == [bad_index] and bad_index not in got
+        (pos,) = np.flatnonzero(planned == bad_index)
+        stand_in, unit = int(got[pos]), int(item["meta"]["unit"])
+        units = src.sampler.units
+        assert units.available[stand_in, unit]
+        if strategy == "balanced":  # the batch keeps its normal:abnormal composition
+            assert units.abnormal[stand_in, unit] == units.abnormal[bad_index, unit]
+        others = np.delete(np.arange(len(planned)), pos)
+        np.testing.assert_array_equal(got[others], planned[others])
+    assert seen  # the damaged study was drawn
+
+
+def test_an_unreadable_volume_raises_naming_the_study_and_the_remedies(phantom_dir, tmp_path):
+    data, (bad_id,) = _damaged_copy(phantom_dir, tmp_path)
+    src, _ = _source(data, "random")
+    bad_index = [r.study_id for r in src.loader.records].index(bad_id)
+    step = next(s for s in range(12) if bad_index in src.sampler.indices(s))
+    with pytest.raises(ct_lib.CTLoadError, match=rf"study {bad_id}: .*vljax.validate.*on_error=skip"):
+        src[step]
+
+
+def test_evaluation_batches_leave_unreadable_studies_out(phantom_dir, tmp_path):
+    data, (bad_id,) = _damaged_copy(phantom_dir, tmp_path)
+    records = load_manifest(data).split("train")
+    cfg = ct_lib.CTPreprocessConfig(spacing=(30.0, 30.0, 40.0), shape=(8, 8, 6))
+    table = pipeline.TextTable(np.zeros((len(records), 4), np.int32), np.ones((len(records), 4), np.int32))
+    ev = pipeline.EvalBatches(records, table, 4, cfg, on_error="skip")
+    valid = np.concatenate([ev[i]["valid"] for i in range(len(ev))])
+    positions = np.concatenate([ev[i]["position"] for i in range(len(ev))])
+    kept = [records[p].study_id for p, v in zip(positions, valid) if v]
+    assert kept == [r.study_id for r in records if r.study_id != bad_id]

@@ -27,6 +27,7 @@ one axis at a time, and the result equals the unfused chain bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 from collections.abc import Sequence
 
@@ -124,19 +125,46 @@ def _is_real(v) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_nifti_header(path: str | os.PathLike):
+def _image_from_bytes(raw: bytes):
+    """A NIfTI-1 or NIfTI-2 image held in memory (the decompressed bytes of a .nii.gz)."""
+    try:
+        return nib.Nifti1Image.from_bytes(raw)
+    except Exception:  # noqa: BLE001 - not NIfTI-1: try NIfTI-2, whose error then stands
+        return nib.Nifti2Image.from_bytes(raw)
+
+
+def load_nifti_header(path: str | os.PathLike, *, whole: bool = False):
     """Opens a NIfTI file without reading its voxels: (image, 3-D shape, float64 affine).
 
     The checks that need only the header (a file, NIfTI, one 3-D volume, no zero-size axis, a finite
     non-singular affine), shared by `load_nifti` and `vljax.validate`'s start-up check. The image's
     `dataobj` is untouched. Raises CTLoadError, naming the file, with its `kind`.
+
+    `whole` (what `load_nifti` uses): a .nii.gz is decompressed entirely first, which checks its gzip
+    CRC and length. nibabel reads a .nii.gz only as far as the voxels end, so it never reaches the
+    checksum: a file corrupted inside its compressed stream can decode to garbage voxels without an
+    error. Decompressing in one call is also no slower than nibabel's streamed read.
     """
     path = os.fspath(path)
     where = f"CT file {path!r}"
     if not os.path.isfile(path):
         raise _ct_error(MISSING_FILE, f"{where} does not exist or is not a file; check the path and the data root.")
+    raw = None
+    if whole and path.lower().endswith(".gz"):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            # Not gzip at all: nibabel's own read below names it an unreadable image.
+            raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else None
+        except MemoryError:
+            raise
+        except Exception as e:  # BadGzipFile (CRC or length mismatch), EOFError (cut short), zlib.error
+            raise _ct_error(CORRUPT_VOXELS, f"{where} has corrupt or truncated compressed data "
+                            f"({type(e).__name__}: its gzip stream fails its checksum or ends early); "
+                            "re-download or re-export it.") from None
     try:
-        img = nib.load(path, mmap=False)  # no memory map: the whole read happens in _read_nifti
+        # No memory map: the whole read happens in _read_nifti.
+        img = _image_from_bytes(raw) if raw is not None else nib.load(path, mmap=False)
     except MemoryError:
         raise
     except Exception as e:  # ImageFileError, HeaderDataError, BadGzipFile, EOFError, zlib.error, ...
@@ -164,7 +192,7 @@ def load_nifti_header(path: str | os.PathLike):
 
 def _read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Validated 3-D voxels in their stored dtype (float32 when scl_slope/inter apply) + affine."""
-    img, shape, affine = load_nifti_header(path)
+    img, shape, affine = load_nifti_header(path, whole=True)
     where = f"CT file {os.fspath(path)!r}"
     proxy = img.dataobj
     scaled = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) != (1.0, 0.0)
@@ -355,6 +383,11 @@ def pad_and_crop(data: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     windows = [_crop_window(n, t) for n, t in zip(data.shape, shape)]
     out[tuple(slice(f, f + m) for _, f, m in windows)] = data[tuple(slice(s, s + m) for s, _, m in windows)]
     return out
+
+
+def output_dtype(config: CTPreprocessConfig) -> np.dtype:
+    """The dtype `preprocess_ct` returns for `config`."""
+    return _DTYPES[config.dtype]
 
 
 def to_model_layout(volume_xyz: np.ndarray) -> np.ndarray:

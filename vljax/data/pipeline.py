@@ -143,13 +143,32 @@ def host_slice(global_batch: int, process_index: int, process_count: int) -> sli
     return slice(process_index * local, (process_index + 1) * local)
 
 
-def _preprocess_one(args: tuple[str, ct_lib.CTPreprocessConfig]) -> np.ndarray:
-    return ct_lib.preprocess_ct(*args)
+def _read_volume(path: str, config: ct_lib.CTPreprocessConfig) -> np.ndarray:
+    """`preprocess_ct`, refusing a constant result: a volume of one value (all 0 HU, all air) is
+    not a CT, and training on it teaches nothing (`vljax.validate --deep` finds them all)."""
+    volume = ct_lib.preprocess_ct(path, config)
+    if volume.size and volume.min() == volume.max():
+        raise ct_lib.CTLoadError(f"CT file {path!r} is constant after preprocessing (every voxel "
+                                 f"{float(volume.flat[0]):g} in [0, 1]): not a usable CT; fix or drop the file.")
+    return volume
+
+
+def _preprocess_one(args: tuple[str, ct_lib.CTPreprocessConfig, bool]) -> np.ndarray | None:
+    path, config, skip = args
+    try:
+        return _read_volume(path, config)
+    except ct_lib.CTLoadError:
+        if skip:
+            return None
+        raise
 
 
 def preload_volumes(records: Sequence[StudyRecord], ct_config: ct_lib.CTPreprocessConfig, *,
-                    workers: int = 0, max_bytes: int = 8 << 30) -> np.ndarray:
-    """Every record's preprocessed volume, in record order, as one array [N, D, H, W].
+                    workers: int = 0, max_bytes: int = 8 << 30, on_error: str = "raise"
+                    ) -> tuple[np.ndarray, list[int]]:
+    """Every record's preprocessed volume, in record order, as one array [N, D, H, W], and the
+    indices of the records whose volume could not be read (zeros in the array; only with
+    `on_error="skip"`, else the first one raises `CTLoadError`).
 
     For small model inputs (the phantom default: 24x24x16 voxels, 37 KB a study) this takes the
     NIfTI decoding and resampling out of the training loop: they are done once, in `workers`
@@ -161,27 +180,44 @@ def preload_volumes(records: Sequence[StudyRecord], ct_config: ct_lib.CTPreproce
         raise ValueError(f"caching {len(records)} preprocessed volumes of {shape} needs {need / 2**30:.1f} GiB "
                          f"(limit {max_bytes / 2**30:.0f} GiB): set config.data.cache_volumes=False to load "
                          "volumes batch by batch")
-    jobs = [(str(r.image), ct_config) for r in records]
+    jobs = [(str(r.image), ct_config, on_error == "skip") for r in records]
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 16))
-    if workers <= 1:
-        out = [_preprocess_one(j) for j in jobs]
-    else:  # spawn: the caller has imported JAX, which must not be forked
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            out = list(pool.map(_preprocess_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
-    return np.stack(out)
+    try:
+        if workers <= 1:
+            out = [_preprocess_one(j) for j in jobs]
+        else:  # spawn: the caller has imported JAX, which must not be forked
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                out = list(pool.map(_preprocess_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    except ct_lib.CTLoadError as e:
+        path = str(e).split("'")[1] if "'" in str(e) else ""
+        sid = next((r.study_id for r in records if str(r.image) == path), None)
+        raise ct_lib.CTLoadError((f"study {sid}: " if sid else "") + f"{e} Find every such file with "
+                                 "`python -m vljax.validate --data_dir=... --deep`, or train on without "
+                                 "it with --config.data.on_error=skip.") from None
+    bad = [i for i, v in enumerate(out) if v is None]
+    x, y, z = shape
+    zeros = np.zeros((z, x, y), ct_lib.output_dtype(ct_config))
+    return np.stack([zeros if v is None else v for v in out]), bad
 
 
 class _StudyLoader:
     """Loads the per-study arrays of a list of indices (shared by train and eval sources); with
-    `volumes` (from `preload_volumes`, in record order) the images come from memory."""
+    `volumes` (from `preload_volumes`, in record order) the images come from memory.
+
+    `on_error` says what a volume that cannot be read does: "raise" a `CTLoadError` naming the study,
+    or "skip": `volume` returns None (the caller stands another study in, or leaves it out). Indices
+    in `bad` (found unreadable before, e.g. by `preload_volumes`) are not read again."""
 
     def __init__(self, records: Sequence[StudyRecord], text: TextTable, ct_config: ct_lib.CTPreprocessConfig,
-                 with_phenotypes: bool, volumes: np.ndarray | None = None):
+                 with_phenotypes: bool, volumes: np.ndarray | None = None, *, on_error: str = "raise",
+                 bad: Sequence[int] = ()):
         self.records, self.text, self.ct_config = tuple(records), text, ct_config
         if volumes is not None and len(volumes) != len(self.records):
             raise ValueError(f"{len(volumes)} cached volumes for {len(self.records)} records")
-        self.volumes = volumes
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.volumes, self.on_error, self.bad = volumes, on_error, set(int(i) for i in bad)
         self.with_phenotypes = with_phenotypes
         self.labels = np.array([r.labels for r in records], np.int8).reshape(len(records), -1)
         if with_phenotypes:
@@ -191,13 +227,30 @@ class _StudyLoader:
                                  "set config.model.phenotype_weight=0 or complete the phenotype table")
             self.phenotypes = np.array([r.phenotypes for r in records], np.int8)
 
-    def load(self, idx: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Studies `idx` with the texts in table rows `rows`."""
+    def volume(self, i: int) -> np.ndarray | None:
+        """Study `i`'s preprocessed volume; None when it cannot be read and `on_error` is "skip"."""
+        i = int(i)
+        if i in self.bad:
+            return None
         if self.volumes is not None:
-            volumes = self.volumes[idx]
-        else:
-            volumes = np.stack([ct_lib.preprocess_ct(self.records[i].image, self.ct_config) for i in idx])
-        batch = {"image": volumes}
+            return self.volumes[i]
+        try:
+            return _read_volume(self.records[i].image, self.ct_config)
+        except ct_lib.CTLoadError as e:
+            if self.on_error == "skip":
+                self.bad.add(i)
+                return None
+            raise ct_lib.CTLoadError(
+                f"study {self.records[i].study_id}: {e} Find every such file before training with "
+                "`python -m vljax.validate --data_dir=... --deep`, or train on without it with "
+                "--config.data.on_error=skip.") from None
+
+    def load(self, idx: np.ndarray, rows: np.ndarray, volumes: Sequence[np.ndarray] | None = None
+             ) -> dict[str, np.ndarray]:
+        """Studies `idx` with the texts in table rows `rows` (and their `volumes` when already read)."""
+        if volumes is None:
+            volumes = [self.volume(i) for i in idx]
+        batch = {"image": np.stack(volumes)}
         if self.text.pooled is not None:
             batch["text_pooled"] = self.text.pooled[rows]
         else:
@@ -211,6 +264,10 @@ class _StudyLoader:
         return batch
 
 
+# Stand-ins tried for one unreadable study before the step gives up (each from the same class stream).
+MAX_STAND_INS = 16
+
+
 class TrainBatches:
     """Random-access Grain source: item `step` is this process's slice of the global batch at `step`
     (`sampler.batch(step)`: a text unit and the studies), with the texts of that unit.
@@ -221,10 +278,12 @@ class TrainBatches:
 
     def __init__(self, records: Sequence[StudyRecord], texts: UnitTexts, sampler: sampling.BatchSampler,
                  total_steps: int, ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
-                 process_index: int = 0, process_count: int = 1, volumes: np.ndarray | None = None):
+                 process_index: int = 0, process_count: int = 1, volumes: np.ndarray | None = None,
+                 on_error: str = "raise", bad: Sequence[int] = ()):
         if len(records) != len(texts):
             raise ValueError(f"{len(records)} records but text rows for {len(texts)} studies")
-        self.loader = _StudyLoader(records, texts.table, ct_config, with_phenotypes, volumes)
+        self.loader = _StudyLoader(records, texts.table, ct_config, with_phenotypes, volumes,
+                                   on_error=on_error, bad=bad)
         self.rows = texts.rows
         for u in (sampling.FULL,) + sampler.schedule.sections:
             missing = sampler.units.available[:, u] & (self.rows[:, u] < 0)
@@ -241,9 +300,25 @@ class TrainBatches:
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         b = self.sampler.batch(int(step))
-        idx = b.indices[self.slice]
-        return {"inputs": self.loader.load(idx, self.rows[idx, b.unit]),
-                "meta": {"step": np.int64(step), "unit": np.int32(b.unit), "study_index": idx.astype(np.int32)}}
+        idx = b.indices[self.slice].copy()
+        volumes, skipped = [], []
+        for k, i in enumerate(idx):
+            v = self.loader.volume(i)
+            attempt = 0
+            while v is None:  # on_error="skip": a stand-in from the same class stream
+                skipped.append(int(idx[k]) if attempt == 0 else int(i))
+                if attempt == MAX_STAND_INS:
+                    raise ct_lib.CTLoadError(
+                        f"step {step}: study {self.loader.records[idx[k]].study_id} and {MAX_STAND_INS} stand-ins "
+                        "for it cannot be read; run `python -m vljax.validate --data_dir=... --deep`")
+                i = self.sampler.replacement(int(step), self.slice.start + k, int(idx[k]), attempt)
+                attempt += 1
+                v = self.loader.volume(i)
+            idx[k] = i
+            volumes.append(v)
+        return {"inputs": self.loader.load(idx, self.rows[idx, b.unit], volumes),
+                "meta": {"step": np.int64(step), "unit": np.int32(b.unit), "study_index": idx.astype(np.int32),
+                         "skipped": np.asarray(sorted(set(skipped)), np.int32)}}
 
     def __repr__(self) -> str:
         return self._repr
@@ -256,12 +331,13 @@ class EvalBatches:
 
     def __init__(self, records: Sequence[StudyRecord], text: TextTable, global_batch: int,
                  ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
-                 process_index: int = 0, process_count: int = 1, volumes: np.ndarray | None = None):
+                 process_index: int = 0, process_count: int = 1, volumes: np.ndarray | None = None,
+                 on_error: str = "raise", bad: Sequence[int] = ()):
         if not records:
             raise ValueError("the evaluation split is empty")
         if len(records) != len(text):
             raise ValueError(f"{len(records)} records but {len(text)} tokenised texts")
-        self.loader = _StudyLoader(records, text, ct_config, with_phenotypes, volumes)
+        self.loader = _StudyLoader(records, text, ct_config, with_phenotypes, volumes, on_error=on_error, bad=bad)
         self.global_batch, self.num_studies = global_batch, len(records)
         self.slice = host_slice(global_batch, process_index, process_count)
 
@@ -272,9 +348,16 @@ class EvalBatches:
         positions = np.arange(i * self.global_batch, (i + 1) * self.global_batch)[self.slice]
         valid = positions < self.num_studies
         idx = np.where(valid, positions, 0)
-        batch = self.loader.load(idx, idx)
+        volumes = [self.loader.volume(i) for i in idx]
+        loaded = np.array([v is not None for v in volumes])
+        if not loaded.all():  # on_error="skip": left out of the evaluation (valid = 0), zeros in its place
+            x, y, z = self.loader.ct_config.shape
+            zeros = np.zeros((z, x, y), ct_lib.output_dtype(self.loader.ct_config))
+            volumes = [v if v is not None else zeros for v in volumes]
+        batch = self.loader.load(idx, idx, volumes)
         batch["labels"] = self.loader.labels[idx]
-        batch["valid"] = valid.astype(np.int8)
+        batch["valid"] = (valid & loaded).astype(np.int8)
+        batch["position"] = positions.astype(np.int32)
         return batch
 
     def __repr__(self) -> str:

@@ -53,7 +53,7 @@ DEFAULT_SECTIONS: tuple[str, ...] = tuple(s for s in SECTIONS if SECTION_FINDING
 
 # First word after the seed of every random stream, so that streams of different kinds never share a
 # seed sequence (all keys have the same length).
-_STREAM, _MIX, _SCHEDULE, _SUBSET = 1, 2, 3, 4
+_STREAM, _MIX, _SCHEDULE, _SUBSET, _REPLACE = 1, 2, 3, 4, 5
 
 
 def _rng(seed: int, tag: int, a: int = 0, b: int = 0, c: int = 0) -> np.random.Generator:
@@ -274,6 +274,19 @@ class BatchSampler:
 
     def indices(self, step: int) -> np.ndarray:
         return self.batch(step).indices
+
+    def replacement(self, step: int, slot: int, study: int, attempt: int) -> int:
+        """A stand-in for `study` at position `slot` of step `step`'s batch (the study could not be
+        loaded): drawn from the same class stream (the unit's pool, or its normal or abnormal pool
+        when balanced), so the batch keeps its composition; a pure function of the arguments and the
+        seed. `attempt` k gives the k-th candidate (when a stand-in fails to load too)."""
+        unit = self.schedule.unit(step)
+        streams = self.streams[unit]
+        stream = streams[0] if len(streams) == 1 or not self.units.abnormal[study, unit] else streams[1]
+        pool = stream.pool[stream.pool != study]
+        if not len(pool):
+            raise ValueError(f"no other study in the {UNITS[unit]} stream to stand in for study index {study}")
+        return int(pool[_rng(self.seed, _REPLACE, int(step), int(slot), int(attempt)).integers(len(pool))])
 
     def unit(self, step: int) -> int:
         return self.schedule.unit(step)
