@@ -512,7 +512,14 @@ def test_sigkill_during_a_save_then_sigterm_then_resume_equals_the_uninterrupted
     train.train_and_evaluate(tiny_config(phantom_dir), run)
     from vljax.evaluate import state_digests
 
-    assert state_digests(run, 4) == state_digests(workdir, 4)
+    want = state_digests(workdir, 4)
+    assert state_digests(run, 4) == want
+    digest = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--workdir={run}", "--digest"],
+                            capture_output=True, text=True, env=_child_env(), timeout=300,
+                            cwd=pathlib.Path(__file__).parents[1])
+    assert digest.returncode == 0, digest.stderr[-2000:]
+    assert digest.stdout.split() == ["step", "4", "params", want["params"], "model_state", want["model_state"],
+                                     "opt_state", want["opt_state"]]
     assert (run / "train_batches.jsonl").read_text() == (workdir / "train_batches.jsonl").read_text()
     assert len(list((run / "tb").glob("*tfevents*"))) == 1
     lines = [json.loads(x) for x in (run / "tb" / "metrics.jsonl").read_text().splitlines()]

@@ -188,6 +188,9 @@ def diagnose_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
     phrase_emb = run["embed_texts"](table.texts)
 
     image_feat, image_emb, labels = evaluator.embed_images(params, rest, records)
+    if evaluator.skipped_positions:  # on_error=skip left unreadable studies out: keep texts aligned
+        left_out = set(evaluator.skipped_positions)
+        records = [r for i, r in enumerate(records) if i not in left_out]
     train_records = inputs.train_records(config, manifest)
     probe_records = train_records if not probe_train else train_records[:probe_train]
     probe_feat, _, probe_labels = evaluator.embed_images(params, rest, probe_records)
