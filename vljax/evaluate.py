@@ -5,9 +5,10 @@ r"""Zero-shot classification (30 findings) and image→report retrieval of a tra
 
 Reads the run's `config.json` and a checkpoint (the latest by default), evaluates the split and
 writes `WORKDIR/results.json` (test split) or `WORKDIR/results_<split>.json`, with the numbers, the
-geometry, the config and the code version, and `WORKDIR/zero_shot_<split>.png` (per-finding F1 and
-AUROC against the baselines); the log gets the macro scores and the best and worst findings. The
-trainer calls the same code at the end of training.
+geometry, the config and the code version, `WORKDIR/predictions_<split>.npz` (the per-study scores,
+labels and embeddings they are computed from: `run_files.write_predictions`) and
+`WORKDIR/zero_shot_<split>.png` (per-finding F1 and AUROC against the baselines); the log gets the
+macro scores and the best and worst findings. The trainer calls the same code at the end of training.
 
 `--digest` evaluates nothing: it prints SHA-256 digests of the checkpoint's parameters, other model
 state (BatchNorm statistics) and optimiser state, so that two runs can be compared bitwise.
@@ -56,10 +57,11 @@ def evaluate_run(workdir: str | pathlib.Path, split: str = "test", step: int = -
         prompts_lib.prompts_for(prompts)  # an unknown name fails here, before any work
         config.zero_shot_prompts = prompts
     evaluator = Evaluator(config, run["model"], run["mesh"], run["tokenizer"])
-    result = evaluator.evaluate(run["params"], run["rest"], run["manifest"].split(split))
+    result, predictions = evaluator.evaluate_with_predictions(run["params"], run["rest"], run["manifest"].split(split))
     path = None
     if jax.process_index() == 0:
         path = run_files.write_results(pathlib.Path(workdir), split, run["step"], result, config)
+        run_files.write_predictions(pathlib.Path(workdir), split, run["step"], predictions)
         report.write_report(result["zero_shot"], split, workdir, step=run["step"], log=logging.info)
     return result, path
 

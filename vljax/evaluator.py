@@ -5,10 +5,15 @@ image->report retrieval and the InfoNCE loss, with the jitted embedding function
 current parameters. Every array it passes to a jitted function has a shape fixed by the config (eval
 batches of `config.eval_batch_size`, text batches of fixed rows per length bucket, projections in
 fixed chunks), so a run's periodic evaluations compile each function once (`compile_counts`).
+
+`evaluate_with_predictions` also returns the per-study outputs the metrics are computed from
+(`Predictions`: zero-shot scores, labels, image and report embeddings); the final evaluation saves
+them next to results.json (`run_files.write_predictions`) for test-set bootstraps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -32,6 +37,19 @@ PRELOAD_MIN_STUDIES = 256
 
 # Rows per call of the text projection ("sentence_mean" pooling): one compiled shape for any count.
 _PROJECT_ROWS = 256
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays: no elementwise ==
+class Predictions:
+    """Per-study outputs of one evaluation, rows in the order of the evaluated (readable) studies; the
+    results dict is `zero_shot.zero_shot_metrics(scores, labels, seed=0)` and
+    `zero_shot.retrieval_metrics(image_emb, text_emb)` of these arrays."""
+
+    study_ids: tuple[str, ...]
+    scores: np.ndarray     # [N, 30] float64 zero-shot scores (predicted positive when > 0)
+    labels: np.ndarray     # [N, 30] int8: 1, 0, -1 (not mentioned)
+    image_emb: np.ndarray  # [N, E] float32 image embeddings (before L2 normalisation)
+    text_emb: np.ndarray   # [N, E] float32 full-report embeddings (before L2 normalisation)
 
 
 class Evaluator:
@@ -126,6 +144,10 @@ class Evaluator:
 
     def evaluate(self, params, rest, records, *, workers: int = 0) -> dict:
         """Zero-shot (30 findings), image->report retrieval and InfoNCE loss on `records`."""
+        return self.evaluate_with_predictions(params, rest, records, workers=workers)[0]
+
+    def evaluate_with_predictions(self, params, rest, records, *, workers: int = 0) -> tuple[dict, Predictions]:
+        """`evaluate`'s results and the per-study outputs they are computed from."""
         _, img, lab = self.embed_images(params, rest, records, workers=workers)
         skipped = [records[i].study_id for i in self.skipped_positions]
         if len(skipped) > self.config.data.get("max_skip_fraction", 0.0) * len(records):
@@ -143,10 +165,13 @@ class Evaluator:
         b = self.config.batch_size
         batch_losses = [float(losses.infonce(jnp.asarray(img[s:s + b]), jnp.asarray(txt[s:s + b]), scale))
                         for s in range(0, (len(img) // b) * b, b)]
-        return {
+        result = {
             "num_studies": int(len(img)),
             "skipped": {"count": len(skipped), "studies": skipped},
             "loss": float(np.mean(batch_losses)) if batch_losses else None,
             "zero_shot": zero_shot.zero_shot_metrics(scores, lab, seed=0),
             "retrieval": zero_shot.retrieval_metrics(img, txt),
         }
+        predictions = Predictions(tuple(r.study_id for r in records), scores, np.asarray(lab, np.int8),
+                                  np.asarray(img), np.asarray(txt))
+        return result, predictions

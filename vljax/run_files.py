@@ -2,6 +2,7 @@
 
   config.json          the resolved config (`config_json`)
   results.json         final evaluation on `config.final_eval_split` (`results_<split>.json` for others)
+  predictions_<split>.npz  the per-study outputs those results are computed from (`write_predictions`)
   run_stats.json       what the run's batches contain (a pure function of the seeds and the steps)
   train_batches.jsonl  text unit and study ids of every step trained (`BatchLog`)
 """
@@ -63,6 +64,58 @@ def write_results(workdir: pathlib.Path, split: str, step: int, result: dict, co
                "config": config_json(config),
                "code_version": code_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return write_json_atomic(pathlib.Path(workdir) / name, payload)
+
+
+PREDICTIONS_FORMAT = 1
+
+
+def write_predictions(workdir: pathlib.Path, split: str, step: int, predictions) -> pathlib.Path:
+    """WORKDIR/predictions_<split>.npz: the per-study outputs of the evaluation whose metrics are in
+    results.json / results_<split>.json (`evaluator.Predictions`), so that test-set bootstraps and
+    every metric can be recomputed from the saved run alone. Arrays (N readable studies, rows in
+    evaluation order, E the embedding width; no report text):
+
+      study_ids  [N] str          findings   [30] str (score/label column order)
+      scores     [N, 30] float64  zero-shot scores, positive when > 0 (float64: exactly the evaluated ones)
+      labels     [N, 30] int8     1, 0, -1 (not mentioned)
+      image_emb  [N, E] float32   image embeddings; text_emb [N, E] float32 full-report embeddings
+                                  (the towers' float32 outputs; O(N E), smaller than an N x N
+                                  similarity for N > 2E and enough for retrieval)
+      split, step, format        scalars
+
+    `zero_shot.zero_shot_metrics(scores, labels, seed=0)` and `zero_shot.retrieval_metrics(image_emb,
+    text_emb)` reproduce results.json's "zero_shot" and "retrieval" (`read_predictions`)."""
+    from vljax.data.findings import FINDINGS
+
+    n = len(predictions.study_ids)
+    arrays = {
+        "study_ids": np.asarray(predictions.study_ids, dtype=str).reshape(n),
+        "findings": np.asarray(FINDINGS, dtype=str),
+        "scores": np.asarray(predictions.scores, np.float64),
+        "labels": np.asarray(predictions.labels, np.int8),
+        "image_emb": np.asarray(predictions.image_emb, np.float32),
+        "text_emb": np.asarray(predictions.text_emb, np.float32),
+        "split": np.asarray(split), "step": np.asarray(step, np.int64), "format": np.asarray(PREDICTIONS_FORMAT),
+    }
+    for key in ("scores", "labels", "image_emb", "text_emb"):
+        if arrays[key].shape[0] != n:
+            raise ValueError(f"predictions: {key} has {arrays[key].shape[0]} rows for {n} studies")
+    path = pathlib.Path(workdir) / f"predictions_{split}.npz"
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(path: pathlib.Path) -> dict:
+    """A `write_predictions` file as {study_ids: list, findings: list, scores, labels, image_emb,
+    text_emb: arrays, split: str, step: int}; no pickled objects are loaded."""
+    with np.load(pathlib.Path(path), allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+    out["study_ids"], out["findings"] = out["study_ids"].tolist(), out["findings"].tolist()
+    out["split"], out["step"], out["format"] = str(out["split"]), int(out["step"]), int(out["format"])
+    return out
 
 
 def write_run_stats(workdir: pathlib.Path, config: ml_collections.ConfigDict, sampler, left_out=()) -> dict:

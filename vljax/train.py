@@ -249,7 +249,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
         pipeline.close_iterator(data_iter)
 
     split = config.final_eval_split
-    result = evaluator.evaluate(state["params"], state["rest"], manifest.split(split))
+    result, predictions = evaluator.evaluate_with_predictions(state["params"], state["rest"], manifest.split(split))
     zs = result["zero_shot"]
     writer.write_scalars(last_step, {f"{split}/zero_shot_macro_f1": zs["macro_f1"],
                                      f"{split}/retrieval_r1": result["retrieval"]["r1"]})
@@ -257,6 +257,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
     mngr.close()
     if is_main:
         path = run_files.write_results(workdir, split, last_step, result, config)
+        run_files.write_predictions(workdir, split, last_step, predictions)
         logging.info("%s zero-shot macro F1 %.4f (baselines: all-positive %.4f, random %.4f); R@1/5/10 "
                      "%.3f/%.3f/%.3f -> %s", split, zs["macro_f1"], zs["baselines"]["all_positive"],
                      zs["baselines"]["random"], result["retrieval"]["r1"], result["retrieval"]["r5"],
