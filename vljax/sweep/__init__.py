@@ -1,0 +1,1 @@
+"""Seed sweeps: grids of training runs from a spec (`run`, `launch`) and their statistics (`report`)."""
