@@ -127,6 +127,6 @@ def test_the_pipeline_yields_exactly_the_declared_batch_spec(phantom_dir, text):
     spec = inputs.batch_spec(config, num_phenotypes=len(manifest.phenotype_codes), hidden_size=hidden)
     for step in range(3):
         item = source[step]
-        assert set(item) == {"inputs", "meta"} and set(item["meta"]) == {"step", "unit", "study_index"}
+        assert set(item) == {"inputs", "meta"} and set(item["meta"]) == {"step", "unit", "study_index", "skipped"}
         got = {k: (v.shape, v.dtype) for k, v in item["inputs"].items()}
         assert got == spec, (got, spec)

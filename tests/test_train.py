@@ -46,7 +46,7 @@ def full_run(phantom_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full_run")
     config = tiny_config(phantom_dir)
     config.eval_every = 1
-    real = evaluator.Evaluator.evaluate
+    real = evaluator.Evaluator.evaluate_with_predictions  # every evaluation goes through it
 
     def evaluate(self, *a, **k):
         out = real(self, *a, **k)
@@ -55,7 +55,7 @@ def full_run(phantom_dir, tmp_path_factory):
 
     EVALUATOR_COMPILES.clear()
     with pytest.MonkeyPatch.context() as mp, _absl_messages() as messages:
-        mp.setattr(evaluator.Evaluator, "evaluate", evaluate)
+        mp.setattr(evaluator.Evaluator, "evaluate_with_predictions", evaluate)
         result = train.train_and_evaluate(config, workdir)
     return workdir, config, result, messages
 
@@ -224,6 +224,40 @@ def test_stop_and_resume_equals_uninterrupted_run(full_run, phantom_dir, tmp_pat
     assert len(list((resumed / "tb").glob("*tfevents*"))) == 1
     steps = [json.loads(x)["step"] for x in (resumed / "tb" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 4]  # training steps 1..4, then the final test metrics
+
+
+def test_final_evaluation_saves_predictions_that_reproduce_results(full_run, phantom_dir, tmp_path):
+    """The run's predictions_test.npz (trainer) and predictions_val.npz (`vljax.evaluate`) give back
+    results.json / results_val.json exactly, and the sweep report over that run finds them reproducible."""
+    from tests.sweep.test_report import read_csv
+    from vljax import evaluate, run_files
+    from vljax.data.findings import FINDINGS
+    from vljax.data.manifest import load_manifest
+    from vljax.evals import zero_shot
+    from vljax.sweep import report
+
+    workdir = tmp_path / "sweep" / "alternating" / "seed_0"
+    shutil.copytree(full_run[0], workdir)
+    evaluate.evaluate_run(workdir, "val")
+    manifest = load_manifest(phantom_dir)
+    for split, name in (("test", "results.json"), ("val", "results_val.json")):
+        saved = json.loads((workdir / name).read_text())
+        p = run_files.read_predictions(workdir / f"predictions_{split}.npz")
+        assert (p["split"], p["step"], p["format"]) == (split, 4, run_files.PREDICTIONS_FORMAT)
+        assert p["study_ids"] == [r.study_id for r in manifest.split(split)] and p["findings"] == list(FINDINGS)
+        n = len(p["study_ids"])
+        assert p["scores"].shape == (n, 30) and p["scores"].dtype == np.float64
+        assert p["labels"].dtype == np.int8 and set(np.unique(p["labels"])) <= {-1, 0, 1}
+        assert p["image_emb"].dtype == p["text_emb"].dtype == np.float32 and p["image_emb"].shape[0] == n
+        assert np.array_equal(p["labels"], np.array([r.labels for r in manifest.split(split)]))
+        assert zero_shot.zero_shot_metrics(p["scores"], p["labels"], seed=0) == saved["zero_shot"]
+        assert zero_shot.retrieval_metrics(p["image_emb"], p["text_emb"]) == saved["retrieval"]
+    report.write_report(tmp_path / "sweep", resamples=20)
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "1 of 1 finished runs have a predictions file; metrics recomputed from it equal results.json" in md
+    rows, _ = read_csv(tmp_path / "sweep" / "report.csv")
+    assert float(rows[("bootstrap", "alternating", "", "macro_f1")]["mean"]) == json.loads(
+        (workdir / "results.json").read_text())["zero_shot"]["macro_f1"]
 
 
 def _copy_run(full_run, dest):

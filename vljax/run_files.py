@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -26,8 +27,11 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
 
 
+@functools.lru_cache(maxsize=None)
 def code_version() -> dict:
-    """vljax version and, when run from a git checkout, the commit and whether it had local changes."""
+    """vljax version and, when run from a git checkout, the commit and whether it had local changes;
+    read once per process (the trainer reads it at start-up: the code that runs, not the checkout's
+    state when the run ends)."""
     import vljax
 
     out = {"vljax": vljax.__version__, "jax": jax.__version__}

@@ -173,6 +173,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
                                    [r.study_id for r in source.loader.records], enabled=is_main)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(run_files.config_json(config), indent=2))
+        run_files.code_version()  # the commit at start-up, which results.json records
         batch_log.start(start)
         skips.start(batch_log.path)
         stats = run_files.write_run_stats(workdir, config, source.sampler, excluded)

@@ -220,34 +220,3 @@ def test_report_names_a_predictions_file_that_does_not_reproduce_results(tmp_pat
     write_run(root, "random", 0, results, predictions=preds)
     report.write_report(root, resamples=5)
     assert "differ from results.json for: random/seed_0: macro_f1" in (root / "report.md").read_text()
-
-
-def test_final_evaluation_saves_predictions_that_reproduce_results(phantom_dir, tmp_path):
-    """A tiny run's predictions_test.npz (trainer) and predictions_val.npz (`vljax.evaluate`) give back
-    results.json / results_val.json exactly, and the report over that run finds them reproducible."""
-    from tests.runs import tiny_config
-    from vljax import evaluate, train
-    from vljax.data.manifest import load_manifest
-
-    workdir = tmp_path / "sweep" / "alternating" / "seed_0"
-    train.train_and_evaluate(tiny_config(phantom_dir, total_steps=2), workdir)
-    evaluate.evaluate_run(workdir, "val")
-    manifest = load_manifest(phantom_dir)
-    for split, name in (("test", "results.json"), ("val", "results_val.json")):
-        saved = json.loads((workdir / name).read_text())
-        p = run_files.read_predictions(workdir / f"predictions_{split}.npz")
-        assert (p["split"], p["step"], p["format"]) == (split, 2, run_files.PREDICTIONS_FORMAT)
-        assert p["study_ids"] == [r.study_id for r in manifest.split(split)] and p["findings"] == list(FINDINGS)
-        n = len(p["study_ids"])
-        assert p["scores"].shape == (n, 30) and p["scores"].dtype == np.float64
-        assert p["labels"].dtype == np.int8 and set(np.unique(p["labels"])) <= {-1, 0, 1}
-        assert p["image_emb"].dtype == p["text_emb"].dtype == np.float32 and p["image_emb"].shape[0] == n
-        assert np.array_equal(p["labels"], np.array([r.labels for r in manifest.split(split)]))
-        assert zero_shot.zero_shot_metrics(p["scores"], p["labels"], seed=0) == saved["zero_shot"]
-        assert zero_shot.retrieval_metrics(p["image_emb"], p["text_emb"]) == saved["retrieval"]
-    report.write_report(tmp_path / "sweep", resamples=20)
-    md = (tmp_path / "sweep" / "report.md").read_text()
-    assert "1 of 1 finished runs have a predictions file; metrics recomputed from it equal results.json" in md
-    rows, _ = read_csv(tmp_path / "sweep" / "report.csv")
-    assert float(rows[("bootstrap", "alternating", "", "macro_f1")]["mean"]) == json.loads(
-        (workdir / "results.json").read_text())["zero_shot"]["macro_f1"]
