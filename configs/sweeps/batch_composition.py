@@ -25,7 +25,9 @@ Arguments after ':' (comma-separated):
                    seeds = 21 runs, about 5 h 15 min with --parallel=1 (a second run in parallel on 2 cores
                    only halves each one's speed).
   smoke            `configs/merlin.py:tiny` (64-study phantom, 20 steps), settings random and alternating x 2
-                   seeds: the machinery end to end in a few minutes; its numbers mean nothing.
+                   seeds: the machinery end to end; its numbers mean nothing. Measured: 3 min 38 s wall with
+                   --parallel=2 on 2 cores that other test runs were loading (load average 9; each run
+                   1:45-1:49), then `report` 2 s.
   full             the full-scale Merlin recipe `configs/merlin.py`; needs --set=data.dir=/data/merlin.
   seeds=N          seed indices 0..N-1 (default 3; smoke 2).
   settings=A+B     only these settings of the grid above (e.g. settings=random+balanced_50_50).
