@@ -53,7 +53,10 @@ def check_volume_headers(config: ml_collections.ConfigDict, manifest: Manifest) 
     would; warnings are logged. Returns the manifest to use and the studies left out (`Problem`s)."""
     from vljax import validate
 
+    t0 = time.perf_counter()
     problems = validate.check_headers(manifest.records, spacing=tuple(config.data.spacing))
+    logging.info("checked %d volume headers in %.1f s: %d problem(s)", len(manifest.records),
+                 time.perf_counter() - t0, len(problems))
     for p in problems:
         if not validate.is_blocking(p):
             logging.warning("%s", validate.problem_line(p))
