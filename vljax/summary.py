@@ -18,7 +18,7 @@ from absl import app, flags
 from vljax import cli
 from vljax.data import ct
 from vljax.data.findings import FINDINGS, SECTIONS
-from vljax.data.manifest import load_manifest, summarize
+from vljax.data.manifest import Manifest, load_manifest
 from vljax.data.phantom import PhantomConfig, generate_phantom
 from vljax.data.reports import split_sections
 
@@ -29,6 +29,17 @@ _VOLUMES = flags.DEFINE_integer("volumes", 8, "how many volumes to load and prep
 _SPACING = flags.DEFINE_list("spacing", ["7", "7", "10"], "preprocessing target spacing x,y,z (mm)")
 _SHAPE = flags.DEFINE_list("shape", ["64", "64", "48"], "preprocessing target shape x,y,z (voxels)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "token length cap for the length statistics")
+
+
+def summarize(manifest: Manifest) -> dict:
+    """Counts per split and per finding (positive / negative / not mentioned); no text."""
+    out = {"num_studies": len(manifest), "splits": dict(collections.Counter(r.split for r in manifest.records))}
+    per = {}
+    for i, f in enumerate(FINDINGS):
+        c = collections.Counter(r.labels[i] for r in manifest.records)
+        per[f] = {"pos": c[1], "neg": c[0], "unmentioned": c[-1]}
+    out["findings"] = per
+    return out
 
 
 def main(argv) -> None:

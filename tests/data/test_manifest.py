@@ -11,7 +11,8 @@ import pytest
 
 from vljax.data import phantom as ph
 from vljax.data.findings import FINDINGS
-from vljax.data.manifest import ManifestError, load_manifest, summarize, write_jsonl
+from vljax.data.manifest import ManifestError, load_manifest, write_jsonl
+from vljax.summary import summarize
 
 from tests.conftest import SMALL_PHANTOM
 

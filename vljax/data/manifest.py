@@ -19,7 +19,6 @@ records and the problems instead (each a `Problem` with its class), for `python 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import csv
 import dataclasses
@@ -493,14 +492,3 @@ def write_jsonl(manifest: Manifest, path: str | os.PathLike) -> None:
             if r.phenotypes is not None:
                 obj["phenotypes"] = dict(zip(manifest.phenotype_codes, r.phenotypes))
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-
-def summarize(manifest: Manifest) -> dict:
-    """Counts per split and per finding (positive / negative / not mentioned); no text."""
-    out = {"num_studies": len(manifest), "splits": dict(collections.Counter(r.split for r in manifest.records))}
-    per = {}
-    for i, f in enumerate(FINDINGS):
-        c = collections.Counter(r.labels[i] for r in manifest.records)
-        per[f] = {"pos": c[1], "neg": c[0], "unmentioned": c[-1]}
-    out["findings"] = per
-    return out
