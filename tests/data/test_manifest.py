@@ -15,6 +15,7 @@ from vljax.data.manifest import ManifestError, load_manifest, write_jsonl
 from vljax.summary import summarize
 
 from tests.conftest import SMALL_PHANTOM
+from tests.data.csv_rows import read_rows as _rows, write_rows as _write_rows
 
 
 @pytest.fixture()
@@ -23,16 +24,6 @@ def dataset(tmp_path, phantom_dir):
     dst = tmp_path / "ds"
     shutil.copytree(phantom_dir, dst)
     return dst
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
-def _write_rows(path, rows):
-    with open(path, "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
 
 
 def test_reads_the_merlin_layout_into_typed_records(phantom_dir):

@@ -3,7 +3,6 @@ phantom passes; the header level finds truncation without reading voxels."""
 
 from __future__ import annotations
 
-import csv
 import math
 import pathlib
 import shutil
@@ -19,18 +18,9 @@ from vljax import validate
 from vljax.data import ct
 from vljax.data import phantom as ph
 from vljax.data.manifest import load_manifest
+from tests.data.csv_rows import read_rows as _rows, write_rows as _write_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
-def _write_rows(path, rows):
-    with open(path, "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows(rows)
 
 
 def _image(ds, sid):
