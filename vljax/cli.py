@@ -99,15 +99,16 @@ def _explain(e: BaseException, args: list[str]) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
     """`app.run(main, flags_parser=cli.parse_flags)`: absl's parsing, but a flag given twice, a
     missing --config file, an unknown --config.* field or a bad value ends the process with one line
-    saying what and which flag (exit status 2), not a traceback."""
+    saying what and which flag (exit status 2), not a traceback. `flag_values`: the registry (default
+    absl's global one)."""
     args = list(argv[1:])
     try:
         _check_repeats(args)
         _check_config_file(args)
-        return flags.FLAGS(argv)
+        return (flags.FLAGS if flag_values is None else flag_values)(argv)
     except Exception as e:  # noqa: BLE001 - every parsing failure is a usage error here
         sys.stderr.write(f"error: {_explain(e, args)}\nPass --helpshort or --helpfull to see the flags.\n")
         sys.exit(2)

@@ -34,6 +34,7 @@ import ml_collections
 from vljax.sweep import spec as spec_lib
 
 STATE_FILE = "sweep_state.json"
+TRAINER = "vljax.train"  # the module each run executes (`python -m TRAINER FLAGS --workdir=RUN_DIR`)
 LOG_FILE = "train.log"
 
 
@@ -108,7 +109,7 @@ def _config_conflict(saved: dict, expected: dict) -> list[str]:
     return [k for k in _differing_keys(saved, expected) if k not in spec_lib.MOVABLE_KEYS]
 
 
-def _alive(pid: int | None, run_dir: pathlib.Path) -> bool:
+def _alive(pid: int | None, run_dir: pathlib.Path, trainer: str = TRAINER) -> bool:
     """Whether `pid` is still a trainer of `run_dir` (e.g. one left by a sweep that was SIGKILLed)."""
     if not pid:
         return False
@@ -117,7 +118,7 @@ def _alive(pid: int | None, run_dir: pathlib.Path) -> bool:
         stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return False
-    return stat[0] != "Z" and "vljax.train" in cmdline and f"--workdir={run_dir}" in cmdline
+    return stat[0] != "Z" and trainer in cmdline and f"--workdir={run_dir}" in cmdline
 
 
 @dataclasses.dataclass
@@ -126,9 +127,9 @@ class Decision:
     reason: str
 
 
-def classify(run_dir: pathlib.Path, expected: dict, record: dict) -> Decision:
+def classify(run_dir: pathlib.Path, expected: dict, record: dict, trainer: str = TRAINER) -> Decision:
     """What to do with one run, from its workdir and its last recorded outcome."""
-    if record.get("status") == "running" and _alive(record.get("pid"), run_dir):
+    if record.get("status") == "running" and _alive(record.get("pid"), run_dir, trainer):
         return Decision("busy", f"still being trained by pid {record['pid']} (left over from an earlier sweep "
                                 "process); left alone: stop it, or wait, and run the sweep again")
     results = run_dir / "results.json"
@@ -180,8 +181,8 @@ class _Child:
     log: pathlib.Path
 
 
-def trainer_command(python: str, flags: Sequence[str], run_dir: pathlib.Path | str) -> list[str]:
-    return [python, "-m", "vljax.train", *flags, f"--workdir={run_dir}"]
+def trainer_command(python: str, flags: Sequence[str], run_dir: pathlib.Path | str, trainer: str = TRAINER) -> list[str]:
+    return [python, "-m", trainer, *flags, f"--workdir={run_dir}"]
 
 
 def _last_error(log: pathlib.Path) -> str:
@@ -207,8 +208,9 @@ def _duration(seconds: float | None) -> str:
 # --------------------------------------------------------------------------------------------------
 def run_sweep(sweep: spec_lib.Sweep, workdir: str | os.PathLike, *, parallel: int = 1, python: str = sys.executable,
               env: dict | None = None, log: Callable[[str], None] = print, poll_s: float = 0.5,
-              progress_every_s: float = 60.0) -> int:
-    """Runs (or continues) every run of `sweep` under `workdir`, at most `parallel` at once.
+              progress_every_s: float = 60.0, trainer: str | None = None) -> int:
+    """Runs (or continues) every run of `sweep` under `workdir`, at most `parallel` at once, each as
+    `python -m <trainer>` (default TRAINER; tests put a fast stand-in with the trainer's contract there).
     Returns the exit status: 0 when every run has finished (or the sweep got SIGTERM: the runs are
     checkpointed), 130 on SIGINT, 1 when some run failed or could not run."""
     if parallel < 1:
@@ -219,7 +221,7 @@ def run_sweep(sweep: spec_lib.Sweep, workdir: str | os.PathLike, *, parallel: in
         p = plan(sweep, directory)
         spec_lib.write_manifest(directory, p.manifest, log=log)
         return _Sweeper(p, directory, parallel, python, dict(os.environ if env is None else env), log,
-                        poll_s, progress_every_s).run()
+                        poll_s, progress_every_s, trainer or TRAINER).run()
 
 
 @contextlib.contextmanager
@@ -235,7 +237,8 @@ def _exclusive(directory: pathlib.Path):
 
 class _Sweeper:
     def __init__(self, p: Plan, directory: pathlib.Path, parallel: int, python: str, env: dict, log, poll_s: float,
-                 progress_every_s: float):
+                 progress_every_s: float, trainer: str):
+        self.trainer = trainer
         self.p, self.dir, self.parallel, self.python, self.log = p, directory, parallel, python, log
         self.env = {**env, "PYTHONUNBUFFERED": "1"}
         self.poll_s, self.progress_every_s = poll_s, progress_every_s
@@ -249,7 +252,8 @@ class _Sweeper:
     def run(self) -> int:
         queue = []
         for run, flags, config in zip(self.p.runs, self.p.flags, self.p.configs):
-            d = classify(self.dir / run.workdir, spec_lib.config_json(config), self.state.runs.get(run.workdir, {}))
+            d = classify(self.dir / run.workdir, spec_lib.config_json(config), self.state.runs.get(run.workdir, {}),
+                         self.trainer)
             self.log(f"{run.workdir}: {d.reason}")
             if d.action == "skip":
                 self.done.add(run.workdir)
@@ -317,7 +321,7 @@ class _Sweeper:
         run_dir = self.dir / run.workdir
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / LOG_FILE
-        cmd = trainer_command(self.python, flags, run_dir)
+        cmd = trainer_command(self.python, flags, run_dir, self.trainer)
         fresh = not checkpoint_steps(run_dir)
         with open(log_path, "a") as f:
             f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} vljax.sweep {action}: "
