@@ -17,19 +17,26 @@ import atexit
 import shutil
 import tempfile
 
-import jax
-import pytest
+# One persistent compilation cache for the whole test session, set in the environment before JAX is
+# imported: the end-to-end tests build the same train step, evaluator and initialiser in several runs
+# (new jitted closures each time), in both pytest-xdist workers (which inherit the environment of the
+# process that loads this file first) and in the trainer processes that tests start, and XLA compiles
+# each distinct program once for all of them. A size limit turns on the cache's file lock, so that
+# processes never read an entry another one is writing. Results are the same executable's either way.
+if "VLJAX_TEST_XLA_CACHE" not in os.environ:
+    os.environ["VLJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="vljax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["VLJAX_TEST_XLA_CACHE"], ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ["VLJAX_TEST_XLA_CACHE"],
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                  JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
 
-from vljax.data.phantom import PhantomConfig, generate_phantom
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
-# One persistent compilation cache for the session: the end-to-end tests build the same train step,
-# evaluator and initialiser in several runs (new jitted closures each time), and XLA compiles each
-# distinct program once instead of once per run. Results are the same executable's either way.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="vljax-test-xla-cache-")
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from vljax.data.phantom import PhantomConfig, generate_phantom  # noqa: E402
+
+assert jax.config.jax_compilation_cache_dir == os.environ["VLJAX_TEST_XLA_CACHE"]
+assert jax.config.jax_compilation_cache_max_size == 8 << 30
 
 SMALL_PHANTOM = PhantomConfig(num_studies=24, seed=7, workers=1)
 

@@ -475,11 +475,8 @@ def _train_command(phantom_dir, workdir):
 
 
 def _child_env(**extra):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+    """The session's compilation cache and XLA_FLAGS come with the environment (conftest puts them there)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", **extra)
 
 
 def _live_group_members(pgid: int) -> list[str]:

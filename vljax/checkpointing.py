@@ -58,7 +58,25 @@ def abstract_train_state(model: Model, tx, seed: int, sharding: NamedSharding) -
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
+def _one_writer_per_array() -> None:
+    """On one process, orbax writes each replicated array from one replica instead of splitting it
+    across all of them. Orbax's default ("replica-parallel") cuts every replicated array into one slice
+    per device so that each host writes a part; on a single process the same host writes every part,
+    so the split only costs an eager, compiled slice per distinct shape and device (216 compilations,
+    15 of the 45 seconds of a 2-step tiny run with a pretrained text tower on 8 CPU devices). The files
+    written are the same. Multi-process runs keep orbax's default."""
+    if jax.process_count() > 1 or getattr(ocp.type_handlers.get_type_handler(jax.Array), "_vljax_single", False):
+        return
+    from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's default handler has one
+
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=array_metadata_store.Store())
+    handler._vljax_single = True
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+    _one_writer_per_array()
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,

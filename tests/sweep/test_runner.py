@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
 from vljax.sweep import runner, spec
@@ -38,9 +37,8 @@ def _overrides(phantom_dir, total_steps: int = 4, ckpt_every: int = 2) -> dict:
 
 
 def _child_env() -> dict:
-    """The children share the session's compilation cache (and conftest's XLA_FLAGS)."""
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    """The children share the session's compilation cache and XLA_FLAGS (conftest puts them in the environment)."""
+    return dict(os.environ)
 
 
 def _sweep(phantom_dir, arg: str = "smoke", **kw) -> spec.Sweep:
