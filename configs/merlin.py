@@ -132,8 +132,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "native" or "depth_taps" (vljax/models/conv.py); the parameters are the same.
     # init: "scratch" (random) or "torchvision:/path/resnet152.safetensors" (a torchvision ResNet state
     # dict of the same depth and width, I3D-inflated: each 2D kernel in the centre depth tap, as Merlin).
+    # bn_stats: training BatchNorm statistics over the "global" batch (synchronised across devices,
+    # as one device holding the whole batch) or "per_device" (each device's own examples, as data
+    # parallelism without synchronised BatchNorm). Evaluation uses the running averages either way.
     c.model.image = ml_collections.ConfigDict(dict(name="resnet3d", depth=152, width=64, norm="batch",
-                                                   num_groups=32, remat=True,
+                                                   num_groups=32, remat=True, bn_stats="global",
                                                    feature_norm=False, conv="auto", init="scratch"))
     c.model.text = ml_collections.ConfigDict(dict(name="bert", init="pretrained", size="base",
                                                   vocab_size=30522, pooling="cls", trainable=True))
@@ -154,6 +157,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0                     # global norm; 0 disables
+
+    # ---------------------------------------------------------------------------------- devices
+    # The mesh (vljax/sharding.py): the batch is split over all data x fsdp devices; parameters and
+    # optimiser state arrays of at least fsdp_min_size elements are sharded over fsdp (FSDP); -1 is
+    # "the rest of the devices". data=-1, fsdp=1: plain data parallelism, replicated state.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
 
     # ---------------------------------------------------------------------------------- loop
     c.log_every = 50

@@ -198,6 +198,8 @@ def test_workdir_that_cannot_be_used_is_named(tmp_path, monkeypatch):
     ("model.dtype", "float8", r"config\.model\.dtype='float8'"),
     ("data.on_error", "ignore", r"config\.data\.on_error='ignore'"),
     ("resume", "always", r"config\.resume='always'"),
+    ("mesh.fsdp", 3, r"config\.mesh data=-1 x fsdp=3 does not divide the 8 devices"),
+    ("model.image.bn_stats", "sync", r"config\.model\.image\.bn_stats='sync'"),
 ])
 def test_config_errors_stop_before_the_phantom_or_the_model(tmp_path, field, value, error):
     from vljax import train

@@ -3,6 +3,8 @@ InfoNCE against the single-device loss."""
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,18 @@ def test_phenotype_bce_matches_numpy_with_and_without_mask():
     v, g = jax.value_and_grad(phenotype_bce)(jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
     np.testing.assert_allclose(v, (per * m).sum() / m.sum(), rtol=1e-6)
     np.testing.assert_allclose(g, (sig - y) * m / m.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_loss_memory_bench_counts_the_sharded_and_the_replicated_embeddings():
+    """`tools/bench.py loss` on the 8 fake devices: per-device arguments are exactly the local (b x D)
+    or replicated (B x D) embeddings of both towers plus the scale; the naive temporaries hold at least
+    the B x B logits, the all-gather ones the gathered B x D embeddings."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    from bench_loss import loss_memory
+
+    for r in loss_memory(8, [4, 32], 64):
+        assert r["gather_args"] == 2 * r["b"] * 64 * 4 + 4 and r["naive_args"] == 2 * r["B"] * 64 * 4 + 4
+        assert r["naive_temps"] >= r["B"] * r["B"] * 4 and r["gather_temps"] >= r["B"] * 64 * 4
+    assert r["naive_args"] + r["naive_temps"] > 2 * (r["gather_args"] + r["gather_temps"])

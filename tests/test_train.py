@@ -332,6 +332,28 @@ def test_resume_past_a_corrupt_checkpoint_ends_bitwise_equal(full_run, phantom_d
         json.loads((workdir / "results.json").read_text())["zero_shot"]
 
 
+def test_resume_on_another_mesh_with_fsdp_continues_the_run(full_run, phantom_dir, tmp_path):
+    """Checkpoint 2 of the data-parallel run (8x1, replicated state), resumed on a 4x2 mesh with the
+    state sharded over fsdp: steps 3 and 4 run sharded and end where the uninterrupted run ends, to
+    float32 rounding (the reductions are split differently)."""
+    workdir, config, _, _ = full_run
+    run = _copy_run(full_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "4")
+    (run / "results.json").unlink()
+    moved = tiny_config(phantom_dir)
+    moved.mesh.update(data=4, fsdp=2, fsdp_min_size=256)
+    with _absl_messages() as messages:
+        train.train_and_evaluate(moved, run)
+    line = next(m for m in messages if m.startswith("mesh data=4 x fsdp=2 over 8 devices"))
+    assert re.search(r"state [\d.]+ MiB, [1-9]\d* % of it sharded over fsdp", line), line
+    assert any("resuming from" in m and "at step 2" in m for m in messages)
+    assert (run / "train_batches.jsonl").read_text() == (workdir / "train_batches.jsonl").read_text()
+    a, b = _load_state(run, config, 4), _load_state(workdir, config, 4)
+    assert int(a["step"]) == 4
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
 def test_digest_tells_equal_and_different_states_apart(full_run):
     from vljax.evaluate import state_digests
 

@@ -4,6 +4,7 @@
     python tools/bench.py step [--config configs/merlin.py:phantom] [--batch N] [--steps 10]
     python tools/bench.py flops [--config configs/merlin.py] [--batch 1]
     python tools/bench.py conv [--volumes 16x24x24,32x48x48] [--batch 8] [--repeats 10] [--no-per-kind]
+    python tools/bench.py loss [--devices 8] [--per-device-batches 16,128,512] [--dim 512]
 
 `data`: CT load + preprocess throughput (studies/s, MB/s of decoded voxels) on the phantom, beside
 the I/O floor (read the same .nii.gz files and gunzip them, nothing else). Two targets: the phantom
@@ -26,6 +27,9 @@ the tower's forward (train mode), gradient and AdamW step with all convs native,
 (unless `--no-per-kind`) depth taps for one conv kind only and for all kinds but one; then the whole
 vljax train step of `--config` (default the phantom recipe) at that volume. Ratios are native time /
 candidate time of the medians (> 1: the candidate is faster).
+
+`loss`: per-device memory of the contrastive loss (forward + backward) on simulated devices, vljax's
+all-gather loss against the naive replicated B x B computation (tools/bench_loss.py).
 """
 
 from __future__ import annotations
@@ -125,21 +129,19 @@ def _compiled_step(config, batch: int, text_size: str | None):
     import types
 
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from vljax import checkpointing, inputs, modeling, update
+    from vljax import checkpointing, inputs, modeling, sharding, update
 
     config.batch_size = batch
     if text_size:
         config.model.text.update(init="scratch", size=text_size, trainable=True)
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    rep = NamedSharding(mesh, P())
+    mesh = modeling.make_mesh(devices=jax.devices()[:1])
+    rep = sharding.replicated(mesh)
     phen = 16 if config.model.phenotype_weight > 0 else 0
     fake_manifest = types.SimpleNamespace(phenotype_codes=tuple(f"code{i}" for i in range(phen)))
     model = modeling.abstract_model(modeling.model_spec(config, fake_manifest), config.seed)
     tx, schedule = update.make_optimizer(config)
     state = checkpointing.abstract_train_state(model, tx, config.seed, rep)
-    data_sharding = NamedSharding(mesh, P("data"))
+    data_sharding = sharding.batch_sharding(mesh)
     spec = inputs.batch_spec(config, num_phenotypes=phen, hidden_size=model.spec.text_config().hidden_size)
     b = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding) for k, (shape, dtype) in spec.items()}
     step = jax.jit(update.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0)
@@ -437,7 +439,7 @@ def bench_conv(volumes, *, batch: int, depth: int, width: int, repeats: int, per
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["data", "step", "flops", "conv"])
+    p.add_argument("what", choices=["data", "step", "flops", "conv", "loss"])
     p.add_argument("--config", default=None, help="config spec for step/flops (path.py[:arg])")
     p.add_argument("--batch", type=int, default=None, help="batch size for step/flops/conv")
     p.add_argument("--steps", type=int, default=10)
@@ -452,7 +454,15 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=16, help="conv: ResNet width")
     p.add_argument("--no-per-kind", action="store_true", help="conv: skip the one-kind-only tower variants")
     p.add_argument("--no-full-step", action="store_true", help="conv: skip the whole vljax train step")
+    p.add_argument("--devices", type=int, default=8, help="loss: simulated devices")
+    p.add_argument("--per-device-batches", default="16,128,512", help="loss: per-device batch sizes b")
+    p.add_argument("--dim", type=int, default=512, help="loss: embedding width")
     a = p.parse_args(argv)
+    if a.what == "loss":
+        from bench_loss import bench_loss  # tools/ is this script's directory
+
+        bench_loss(a.devices, [int(b) for b in a.per_device_batches.split(",")], a.dim)
+        return 0
     if a.what == "conv":
         volumes = [tuple(int(v) for v in s.split("x")) for s in a.volumes.split(",")]
         bench_conv(volumes, batch=a.batch or 8, depth=a.depth, width=a.width,

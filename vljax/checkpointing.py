@@ -20,11 +20,12 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 import ml_collections
 import orbax.checkpoint as ocp
 
 from vljax import inputs, modeling, update
+from vljax import sharding as sharding_lib
 from vljax.metric_writer import flatten
 from vljax.modeling import Model
 from vljax.run_files import config_json
@@ -37,7 +38,11 @@ from vljax.run_files import config_json
 RESUMABLE_FIELDS = frozenset({
     "log_every", "eval_every", "eval_max_studies", "ckpt_every", "keep_checkpoints", "data.workers",
     "data.prefetch", "final_eval_split", "eval_batch_size", "data.dir", "data.geometry_backend",
-    "data.cache_volumes", "zero_shot_prompts", "resume", "data.on_error", "data.max_skip_fraction"})
+    "data.cache_volumes", "zero_shot_prompts", "resume", "data.on_error", "data.max_skip_fraction",
+    # The mesh: a checkpoint restores into any mesh's shardings (orbax reshards on restore).
+    "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size"})
+# Recipe fields added after checkpoints were first written: a saved config without one ran with this value.
+ADDED_FIELDS = {"model.image.bn_stats": "global"}
 ITEMS = ("state", "config", "dataset")
 UNREADABLE_DIR = "checkpoints_unreadable"
 
@@ -51,11 +56,26 @@ def new_train_state(params, rest, tx, seed: int) -> dict:
             "rng": jax.random.PRNGKey(seed), "bad_step": jnp.full((), -1, jnp.int32)}
 
 
-def abstract_train_state(model: Model, tx, seed: int, sharding: NamedSharding) -> dict:
-    """Shapes, dtypes and shardings of the train state (restore target; nothing is allocated)."""
+def init_train_state(model: Model, tx, seed: int, abstract_state: dict) -> dict:
+    """A new train state, every array created in its place (`abstract_state`'s shardings) by jitted
+    functions: never whole on one device."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    params, rest = modeling.init_model(model, seed, (shardings["params"], shardings["rest"]))
+    return jax.jit(lambda p, r: new_train_state(p, r, tx, seed), out_shardings=shardings,
+                   donate_argnums=(0, 1))(params, rest)
+
+
+def abstract_train_state(model: Model, tx, seed: int, sharding: NamedSharding | Mesh,
+                         fsdp_min_size: int | None = None) -> dict:
+    """Shapes, dtypes and shardings of the train state (restore target; nothing is allocated).
+    `sharding`: one sharding for every array, or a mesh (`vljax.sharding.state_shardings`: FSDP)."""
     state = jax.eval_shape(lambda p, r: new_train_state(p, r, tx, seed), model.abstract_params,
                            model.abstract_rest)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+    if isinstance(sharding, Mesh):
+        shardings = sharding_lib.state_shardings(sharding, state, fsdp_min_size)
+    else:
+        shardings = jax.tree.map(lambda _: sharding, state)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def _one_writer_per_array() -> None:
@@ -85,7 +105,7 @@ def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
 
 def check_resumable(saved: dict, config) -> None:
     """Refuse to resume a workdir whose run had a different recipe (names the differing fields)."""
-    now, before = flatten(config_json(config)), flatten(saved)
+    now, before = flatten(config_json(config)), {**ADDED_FIELDS, **flatten(saved)}
     differ = sorted(k for k in set(now) | set(before)
                     if k not in RESUMABLE_FIELDS and now.get(k) != before.get(k))
     if differ:
@@ -253,11 +273,14 @@ def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None =
         config.data.dir = data_dir
     manifest = inputs.resolve_data(config, workdir)
     tokenizer = inputs.tokenizer_for(config)
-    mesh = modeling.make_mesh()
-    replicated = NamedSharding(mesh, P())
+    try:
+        mesh = modeling.make_mesh(config)
+    except ValueError as e:  # trained on another device count: evaluate data-parallel here
+        logging.info("%s; evaluating with every device on the data axis", e)
+        mesh = modeling.make_mesh()
     model = modeling.abstract_model(modeling.model_spec(config, manifest), config.seed)
     tx, _ = update.make_optimizer(config)
-    abstract = abstract_train_state(model, tx, config.seed, replicated)
+    abstract = abstract_train_state(model, tx, config.seed, mesh, sharding_lib.min_size(config))
     mngr = checkpoint_manager(workdir, config)
     try:
         steps = mngr.all_steps()

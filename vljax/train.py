@@ -24,11 +24,10 @@ import threading
 
 from absl import app, flags, logging
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 
-from vljax import checkpointing, cli, inputs, modeling, run_files, update
+from vljax import checkpointing, cli, inputs, modeling, run_files, sharding, update
 from vljax.data import pipeline
 from vljax.data import sampling as sampling_lib
 from vljax.evals import report
@@ -136,8 +135,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
     is_main = jax.process_index() == 0
     if is_main:
         _make_workdir(workdir)
-    mesh = modeling.make_mesh()
-    replicated = NamedSharding(mesh, P())
+    mesh = modeling.make_mesh(config)  # a config.mesh that does not fit the devices stops here
     _check_config(config, mesh)  # before any work: a bad option costs nothing
     manifest = inputs.resolve_data(config, workdir)
     manifest, excluded = inputs.check_volume_headers(config, manifest)  # before the model is built
@@ -147,16 +145,17 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
     fingerprint = checkpointing.dataset_fingerprint(manifest, train_records,
                                                     inputs.make_sampler(config, train_records)[0])
 
-    model = modeling.abstract_model(modeling.model_spec(config, manifest), config.seed)
+    model = modeling.abstract_model(modeling.model_spec(config, manifest, mesh), config.seed)
     tx, schedule = update.make_optimizer(config)
     mngr = checkpointing.checkpoint_manager(workdir, config)
-    abstract_state = checkpointing.abstract_train_state(model, tx, config.seed, replicated)
+    abstract_state = checkpointing.abstract_train_state(model, tx, config.seed, mesh, sharding.min_size(config))
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    logging.info("%s", sharding.describe(mesh, state_shardings, abstract_state))
     latest, state = checkpointing.restore_resumable(mngr, workdir, abstract_state, config, fingerprint)
     if latest is not None:
         logging.info("resuming from %s at step %d", workdir / "checkpoints", latest)
     else:
-        params, rest = modeling.init_model(model, config.seed, replicated)
-        state = jax.device_put(checkpointing.new_train_state(params, rest, tx, config.seed), replicated)
+        state = checkpointing.init_train_state(model, tx, config.seed, abstract_state)
 
     text_fn = None
     if not config.model.text.trainable:  # the locked tower runs once, over every training text
@@ -182,16 +181,15 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
                      config.total_steps, ", ".join(f"{k} {v}" for k, v in stats["steps_per_unit"].items()),
                      *stats["normal_fraction_per_batch"]["all"].values(), workdir / "run_stats.json")
 
-    train_step = jax.jit(update.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0,
-                         out_shardings=(jax.tree.map(lambda x: x.sharding, abstract_state), replicated))
+    train_step = update.jit_train_step(model, tx, schedule, config, mesh, state_shardings)
     evaluator = Evaluator(config, model, mesh, tokenizer)
     writer = MetricWriter(workdir / "tb", enabled=is_main, keep_until=start if latest is not None else -1)
     if start == 0:
         writer.write_hparams(run_files.config_json(config))
     progress = Progress(config.total_steps, start, config.batch_size)
     acc, last_step = None, start
-    logging.info("training steps %d..%d, global batch %d on %d devices", start, config.total_steps,
-                 config.batch_size, mesh.size)
+    logging.info("training steps %d..%d, global batch %d on %d devices (%d per device)", start,
+                 config.total_steps, config.batch_size, mesh.size, config.batch_size // mesh.size)
 
     def check_finite():
         bad = int(state["bad_step"])

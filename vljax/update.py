@@ -10,13 +10,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
 from vljax import losses
 from vljax.modeling import Model
+from vljax.sharding import BATCH
 
 
 # Built with `create` (not a class body): this module uses postponed annotations, which clu's
@@ -62,9 +63,17 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Callable]:
 
 
 def contrastive_loss_fn(mesh: Mesh) -> Callable:
-    """Global-batch InfoNCE: local rows x all-gathered columns inside `shard_map` over `data`."""
-    return jax.shard_map(lambda i, t, s: losses.global_infonce(i, t, s, "data"), mesh=mesh,
-                         in_specs=(P("data"), P("data"), P()), out_specs=P())
+    """Global-batch InfoNCE: local rows x all-gathered columns inside `shard_map` over the batch's
+    mesh axes (`sharding.BATCH`: every device)."""
+    return jax.shard_map(lambda i, t, s: losses.global_infonce(i, t, s, BATCH), mesh=mesh,
+                         in_specs=(P(BATCH), P(BATCH), P()), out_specs=P())
+
+
+def jit_train_step(model: Model, tx, schedule, config, mesh: Mesh, state_shardings) -> Callable:
+    """`make_train_step` jitted for the mesh: the state in and out with its shardings (donated), the
+    batch as it arrives (`pipeline.to_global`: split over every device), the metrics replicated."""
+    return jax.jit(make_train_step(model, tx, schedule, config, mesh), donate_argnums=0,
+                   in_shardings=(state_shardings, None), out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
 def make_train_step(model: Model, tx, schedule, config, mesh: Mesh) -> Callable:

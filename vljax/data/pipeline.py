@@ -410,8 +410,10 @@ def closing_iterator(it: grain.DatasetIterator) -> Iterator[grain.DatasetIterato
 # ---------------------------------------------------------------------------------------------------
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh, axis: str = "data") -> dict[str, jax.Array]:
-    """Per-host numpy slices → global `jax.Array`s sharded on their leading (batch) axis."""
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh, axis: str | tuple[str, ...] = ("data", "fsdp")
+              ) -> dict[str, jax.Array]:
+    """Per-host numpy slices → global `jax.Array`s with their leading (batch) axis split over `axis`
+    (default: every device of the (data, fsdp) mesh, `vljax.sharding.BATCH`)."""
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)

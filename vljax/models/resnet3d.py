@@ -59,8 +59,45 @@ def _conv(in_ch: int, out_ch: int, kernel: tuple[int, int, int], stride: int | t
                     conv_general_dilated=conv_function(impl), rngs=rngs)
 
 
-def _norm(channels: int, norm: Norm, num_groups: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+class SlicedBatchNorm(nnx.BatchNorm):
+    """BatchNorm whose training-mode statistics are those of each of `slices` equal, consecutive slices
+    of the batch ("ghost" batch norm). With the batch split evenly over the devices, slice k is device
+    k's examples: per-device statistics, as data parallelism without synchronised BatchNorm computes
+    them, while `slices=1` is nn.BatchNorm over the whole (global) batch. The running averages take the
+    mean of the slices' statistics; evaluation uses them, so it does not depend on `slices`. Same
+    variables as nn.BatchNorm (checkpoints and inflated weights are interchangeable)."""
+
+    def __init__(self, num_features: int, *, slices: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.slices = slices
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        train = not (self.use_running_average if use_running_average is None else use_running_average)
+        if not train or self.slices == 1:
+            return super().__call__(x, use_running_average=use_running_average, mask=mask)
+        if x.shape[0] % self.slices:
+            raise ValueError(f"BatchNorm per device: batch {x.shape[0]} is not divisible into {self.slices} slices")
+        xs = x.reshape(self.slices, x.shape[0] // self.slices, *x.shape[1:]).astype(jnp.float32)
+        axes = tuple(range(1, xs.ndim - 1))
+        mean = xs.mean(axes)                                                   # [slices, C]
+        var = jnp.maximum((xs * xs).mean(axes) - mean * mean, 0.0)             # flax's fast variance
+        m = self.momentum
+        self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean.mean(0))
+        self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var.mean(0))
+        shape = (self.slices,) + (1,) * len(axes) + (x.shape[-1],)
+        y = (xs - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+
+
+def _norm(channels: int, norm: Norm, num_groups: int, *, dtype, rngs: nnx.Rngs, bn_slices: int = 1) -> nnx.Module:
     if norm == "batch":
+        if bn_slices > 1:
+            return SlicedBatchNorm(channels, slices=bn_slices, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)
     if norm == "group":
@@ -82,8 +119,8 @@ class BasicBlock(nnx.Module):
     expansion = 1
 
     def __init__(self, in_ch: int, planes: int, stride: int, *, norm: Norm, num_groups: int, dtype,
-                 conv: str = "auto", rngs: nnx.Rngs):
-        nk = dict(norm=norm, num_groups=num_groups, dtype=dtype, rngs=rngs)
+                 conv: str = "auto", bn_slices: int = 1, rngs: nnx.Rngs):
+        nk = dict(norm=norm, num_groups=num_groups, dtype=dtype, rngs=rngs, bn_slices=bn_slices)
         ck = dict(conv=conv, dtype=dtype, rngs=rngs)
         self.conv1 = _conv(in_ch, planes, (3, 3, 3), stride, (1, 1, 1), **ck)
         self.norm1 = _norm(planes, **nk)
@@ -105,8 +142,8 @@ class Bottleneck(nnx.Module):
     expansion = 4
 
     def __init__(self, in_ch: int, planes: int, stride: int, *, norm: Norm, num_groups: int, dtype,
-                 conv: str = "auto", rngs: nnx.Rngs):
-        nk = dict(norm=norm, num_groups=num_groups, dtype=dtype, rngs=rngs)
+                 conv: str = "auto", bn_slices: int = 1, rngs: nnx.Rngs):
+        nk = dict(norm=norm, num_groups=num_groups, dtype=dtype, rngs=rngs, bn_slices=bn_slices)
         ck = dict(conv=conv, dtype=dtype, rngs=rngs)
         out_ch = planes * self.expansion
         self.conv1 = _conv(in_ch, planes, (1, 1, 1), 1, (0, 0, 0), **ck)
@@ -130,9 +167,9 @@ class _Downsample(nnx.Module):
     """Shortcut projection: 1×1×1 conv with stride (s,s,s), then norm (torchvision `downsample.{0,1}`)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, *, norm: Norm, num_groups: int, dtype,
-                 conv: str = "auto", rngs: nnx.Rngs):
+                 conv: str = "auto", bn_slices: int = 1, rngs: nnx.Rngs):
         self.conv = _conv(in_ch, out_ch, (1, 1, 1), stride, (0, 0, 0), conv=conv, dtype=dtype, rngs=rngs)
-        self.norm = _norm(out_ch, norm, num_groups, dtype=dtype, rngs=rngs)
+        self.norm = _norm(out_ch, norm, num_groups, dtype=dtype, rngs=rngs, bn_slices=bn_slices)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         return _apply_norm(self.norm, self.conv(x), train)
@@ -150,11 +187,13 @@ class ResNet3D(nnx.Module):
 
     `norm="batch"` (eps 1e-5, momentum 0.9) or `"group"`; `remat=True` rematerialises every residual
     block in the backward pass; `dtype` is the compute dtype (e.g. bf16), parameters stay fp32;
-    `conv` is "auto", "native" or "depth_taps" (module docstring).
+    `conv` is "auto", "native" or "depth_taps" (module docstring); `bn_slices` > 1 computes training
+    BatchNorm statistics per slice of the batch (`SlicedBatchNorm`: per device).
     """
 
     def __init__(self, depth: int = 50, *, width: int = 64, norm: Norm = "batch", num_groups: int = 32,
-                 remat: bool = False, dtype=jnp.float32, conv: str = "auto", rngs: nnx.Rngs):
+                 remat: bool = False, dtype=jnp.float32, conv: str = "auto", bn_slices: int = 1,
+                 rngs: nnx.Rngs):
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
         if conv not in CONV_IMPLS:
@@ -165,7 +204,7 @@ class ResNet3D(nnx.Module):
         self.block_kind, self.conv = kind, conv
         self.num_features = feature_dim(depth, width)
         self.conv1 = _conv(3, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), conv=conv, dtype=dtype, rngs=rngs)
-        self.norm1 = _norm(width, norm, num_groups, dtype=dtype, rngs=rngs)
+        self.norm1 = _norm(width, norm, num_groups, dtype=dtype, rngs=rngs, bn_slices=bn_slices)
         in_ch = width
         for stage, n in enumerate(blocks):
             planes = width * 2**stage
@@ -173,7 +212,7 @@ class ResNet3D(nnx.Module):
             for i in range(n):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 layer.append(block_cls(in_ch, planes, stride, norm=norm, num_groups=num_groups,
-                                       dtype=dtype, conv=conv, rngs=rngs))
+                                       dtype=dtype, conv=conv, bn_slices=bn_slices, rngs=rngs))
                 in_ch = planes * block_cls.expansion
             setattr(self, f"layer{stage + 1}", nnx.List(layer))
 

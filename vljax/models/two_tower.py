@@ -25,6 +25,7 @@ from vljax.models.resnet3d import ResNet3D
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BN_STATS = ("global", "per_device")  # config.model.image.bn_stats: statistics over the global batch, or per device
 
 
 class MAPHead(nnx.Module):
@@ -171,6 +172,8 @@ class ModelSpec:
     image_feature_norm: bool = False
     image_conv: str = "auto"                # "auto" | "native" | "depth_taps" (vljax/models/conv.py)
     image_init: str = "scratch"             # "scratch" or "torchvision:<path>.safetensors" (I3D inflation)
+    image_bn_stats: str = "global"          # training BatchNorm statistics: "global" batch or "per_device"
+    image_bn_slices: int = 1                # per_device: the batch's slices (devices); set by the trainer
     text_init: str = "pretrained"          # "pretrained" (HF folder) or "scratch"
     text_path: str | None = None            # HF BERT folder; None = the MiniLM checkpoint shipped by pip
     text_size: str = "small"                # scratch preset: tiny | mini | small | base
@@ -199,6 +202,9 @@ class ModelSpec:
         if image_init != "scratch" and not (image_init.startswith("torchvision:") and len(image_init) > 12):
             raise ValueError(f"config.model.image.init={image_init!r}: use 'scratch' or "
                              "'torchvision:/path/resnet.safetensors' (a torchvision ResNet state dict)")
+        bn_stats = img.get("bn_stats", "global")  # absent from configs saved before it existed
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"config.model.image.bn_stats={bn_stats!r}: use one of {list(BN_STATS)}")
         if model_cfg.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={model_cfg.dtype!r}: use one of {sorted(_DTYPES)}")
         if txt.pooling == "sentence_mean" and txt.trainable:
@@ -208,6 +214,7 @@ class ModelSpec:
         return cls(image_depth=img.depth, image_width=img.width, image_norm=img.norm,
                    image_num_groups=img.num_groups, image_remat=img.remat,
                    image_feature_norm=bool(img.feature_norm), image_conv=conv, image_init=image_init,
+                   image_bn_stats=bn_stats,
                    text_init=txt.init,
                    text_path=txt.path or None, text_size=txt.size, vocab_size=txt.vocab_size,
                    pooling=txt.pooling, text_trainable=bool(txt.trainable), embed_dim=model_cfg.embed_dim,
@@ -231,7 +238,7 @@ def build_model(spec: ModelSpec, rngs: nnx.Rngs) -> TwoTower:
     dtype = _DTYPES[spec.dtype]
     image = ResNet3D(spec.image_depth, width=spec.image_width, norm=spec.image_norm,
                      num_groups=spec.image_num_groups, remat=spec.image_remat, dtype=dtype,
-                     conv=spec.image_conv, rngs=rngs)
+                     conv=spec.image_conv, bn_slices=spec.image_bn_slices, rngs=rngs)
     text_cfg = spec.text_config()
     text = bert_lib.BertModel(text_cfg, dtype=dtype, rngs=rngs)
     # EOS pooling takes the last real token, which is [SEP] in BERT tokenisation.
