@@ -24,8 +24,8 @@ import tempfile
 # each distinct program once for all of them. A size limit turns on the cache's file lock, so that
 # processes never read an entry another one is writing; it also makes every write list the whole
 # cache (jax's LRU eviction), so only programs that take 0.2 s or more to compile are cached: the
-# train steps, evaluators and initialisers, not the thousands of one-op eager programs (caching those
-# too made the suite ~50 % slower). Results are the same executable's either way.
+# train steps, evaluators and initialisers, not the many one-op eager programs (BUILD_NOTES "CI time
+# after issues 12 and 13"). Results are the same executable's either way.
 if "VLJAX_TEST_XLA_CACHE" not in os.environ:
     os.environ["VLJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="vljax-test-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["VLJAX_TEST_XLA_CACHE"], ignore_errors=True)
