@@ -68,3 +68,22 @@ def small_hf_bert_dir(tmp_path_factory):
     transformers.set_seed(0)
     transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(out, safe_serialization=True)
     return out
+
+
+# The modules that take longest, longest first (measured with `--durations=0`, BUILD_NOTES "CI time").
+# pytest-xdist's `--dist loadfile` hands out whole modules in collection order, two to each worker at
+# the start and one more whenever a worker finishes one. In alphabetical order test_train.py (about a
+# third of the suite) came last and ran alone for minutes after the other worker had finished;
+# longest first, the two workers end within one small module of each other. Tests within a module keep
+# their order, so module-scoped fixtures are still built once.
+LONGEST_MODULES_FIRST = ("tests/test_train.py", "tests/test_distributed.py", "tests/test_sharding.py",
+                         "tests/test_locked_text_tower.py",
+                         "tests/models/test_resnet3d.py", "tests/sweep/test_runner.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_MODULES_FIRST.index(path) if path in LONGEST_MODULES_FIRST else len(LONGEST_MODULES_FIRST)
+
+    items.sort(key=rank)  # stable: the other modules, and every module's tests, keep their order

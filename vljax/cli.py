@@ -35,6 +35,57 @@ def data_dir() -> flags.FlagHolder:
     return _once(flags.DEFINE_string, "data_dir", None, "override config.data.dir (data moved since training)")
 
 
+def initialize_distributed(timeout_s: int) -> None:
+    """`jax.distributed.initialize()` for `--distributed`, before any other JAX call.
+
+    The process geometry comes from VLJAX_NUM_PROCESSES / VLJAX_PROCESS_ID when set (tools/launch_local.py
+    and hand-written launchers set them, with JAX_COORDINATOR_ADDRESS), else from jax's own cluster
+    detection (TPU pods, SLURM, Open MPI). When the job is not complete within `timeout_s` (a peer not
+    started, a wrong address or count), jax aborts the process from C++ with a gRPC status and a stack
+    dump; a timer a little earlier says instead, in one line, which process gave up and what to check,
+    and exits with status 1. Processes other than 0 then log warnings and errors only: process 0 alone
+    writes the run's log.
+    """
+    import threading
+
+    import jax
+    from absl import logging
+
+    env = os.environ
+    geometry = {}
+    if "VLJAX_NUM_PROCESSES" in env or "VLJAX_PROCESS_ID" in env:
+        try:
+            geometry = dict(num_processes=int(env["VLJAX_NUM_PROCESSES"]), process_id=int(env["VLJAX_PROCESS_ID"]))
+        except (KeyError, ValueError):
+            raise ValueError("--distributed: set both VLJAX_NUM_PROCESSES and VLJAX_PROCESS_ID to integers (got "
+                             f"{env.get('VLJAX_NUM_PROCESSES')!r}, {env.get('VLJAX_PROCESS_ID')!r})") from None
+    who = f"process {geometry['process_id']} of {geometry['num_processes']}" if geometry else "this process"
+    coordinator = env.get("JAX_COORDINATOR_ADDRESS", "the auto-detected coordinator")
+    waiting_for = ("the other processes to connect to it" if geometry.get("process_id") == 0
+                   else f"the coordinator {coordinator} and its peers")
+
+    def give_up():
+        sys.stderr.write(
+            f"error: --distributed: {who} waited --distributed_timeout={timeout_s} s for {waiting_for}, in vain. "
+            "Start every process with the same JAX_COORDINATOR_ADDRESS (process 0's host:port) and process "
+            "count, each with its own process id; check that process 0 runs and its port is reachable, and "
+            "that no process has already exited.\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    if geometry.get("process_id", 0) > 0:
+        logging.set_verbosity(logging.WARNING)  # jax's own start-up messages included
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:  # jax's own deadline a little later, so that the line above is what the user sees
+        jax.distributed.initialize(initialization_timeout=timeout_s + 10, **geometry)
+    finally:
+        timer.cancel()
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)
+
+
 def _flag_name(arg: str) -> str | None:
     if not arg.startswith("--") or arg == "--":
         return None

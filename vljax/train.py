@@ -38,8 +38,12 @@ from vljax.models import two_tower
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/merlin.py[:args])",
                                           lock_config=True)
 _WORKDIR = cli.workdir()
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() (multi-host TPU/GPU)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-process run: call jax.distributed.initialize() before anything else (on "
+    "TPU pods and SLURM it finds its peers itself; elsewhere set JAX_COORDINATOR_ADDRESS, "
+    "VLJAX_NUM_PROCESSES and VLJAX_PROCESS_ID, as tools/launch_local.py does)")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "seconds to wait for every process to join before giving up with an error")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -279,9 +283,9 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "--config=configs/merlin.py:phantom --workdir=/tmp/vljax_run")
     logging.get_absl_handler().addFilter(_DropLibraryChatter())
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     try:
+        if _DISTRIBUTED.value:
+            cli.initialize_distributed(_DISTRIBUTED_TIMEOUT.value)
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, NonFiniteLossError, FileNotFoundError, ModuleNotFoundError,
             checkpointing.CheckpointError) as e:
