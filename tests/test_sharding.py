@@ -39,6 +39,16 @@ def test_mesh_shape_from_config():
     assert [d.id for d in mesh.devices.flat] == sorted(d.id for d in jax.devices())
 
 
+def test_each_host_must_hold_a_contiguous_block_of_the_batch():
+    """Hosts' input slices are consecutive blocks in process order; so must be their devices in the mesh."""
+    sharding.check_host_rows(np.array([[0, 0], [1, 1]]), 2)            # data across hosts, fsdp within
+    sharding.check_host_rows(np.array([[0, 0, 1, 1]]), 2)              # fsdp over all devices, hosts in order
+    sharding.check_host_rows(np.zeros((4, 2), int), 1)
+    for layout in ([[0, 1], [0, 1]], [[1, 1], [0, 0]], [[0, 1, 0, 1]]):
+        with pytest.raises(ValueError, match="each host must hold a contiguous block of the batch"):
+            sharding.check_host_rows(np.array(layout), 2)
+
+
 def test_fsdp_rule_splits_the_largest_divisible_dimension_of_large_arrays():
     spec = sharding.fsdp_spec
     assert spec((3, 3, 3, 64, 128), 8, 1024) == P(None, None, None, None, "fsdp")

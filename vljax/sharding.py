@@ -67,6 +67,29 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH) if ndim else P())
 
 
+def check_host_rows(device_processes: np.ndarray, process_count: int) -> None:
+    """The input pipeline gives process p rows [p*b, (p+1)*b) of every global batch (b = B / processes,
+    `pipeline.host_slice`); the batch sharding gives the mesh's devices consecutive blocks of rows in
+    (data, fsdp) order. They agree only if, in that order, process p's devices come p-th and together.
+    `device_processes` is `mesh.devices`' process indices. A mesh where they do not (an `fsdp` axis that
+    interleaves hosts) would train on rows that no host loaded for those devices: refused here."""
+    order = np.asarray(device_processes).reshape(-1)
+    per = order.size // process_count
+    want = np.repeat(np.arange(process_count), per)
+    if order.size % process_count or not np.array_equal(order, want):
+        raise ValueError(
+            f"the mesh {tuple(np.shape(device_processes))} (data, fsdp) orders the devices of the {process_count} "
+            f"processes as {order.tolist()}: each host must hold a contiguous block of the batch, process 0's "
+            "first. Choose config.mesh.fsdp as a divisor of the devices per host (FSDP within each host, data "
+            "parallel across hosts), or config.mesh.data=1 with fsdp over all devices.")
+
+
+def check_mesh_hosts(mesh: Mesh) -> None:
+    """`check_host_rows` for `mesh` (a no-op on one process)."""
+    if jax.process_count() > 1:
+        check_host_rows(np.vectorize(lambda d: d.process_index)(mesh.devices), jax.process_count())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

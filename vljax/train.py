@@ -140,6 +140,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
     if is_main:
         _make_workdir(workdir)
     mesh = modeling.make_mesh(config)  # a config.mesh that does not fit the devices stops here
+    sharding.check_mesh_hosts(mesh)  # each host's slice of the batch is what its devices hold
     _check_config(config, mesh)  # before any work: a bad option costs nothing
     manifest = inputs.resolve_data(config, workdir)
     manifest, excluded = inputs.check_volume_headers(config, manifest)  # before the model is built
