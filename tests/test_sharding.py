@@ -47,6 +47,13 @@ def test_each_host_must_hold_a_contiguous_block_of_the_batch():
     for layout in ([[0, 1], [0, 1]], [[1, 1], [0, 0]], [[0, 1, 0, 1]]):
         with pytest.raises(ValueError, match="each host must hold a contiguous block of the batch"):
             sharding.check_host_rows(np.array(layout), 2)
+    # What make_mesh falls back to when the topology order interleaves hosts: host by host, stable.
+    import types
+
+    fake = [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate([1, 0, 1, 0, 0, 1, 1, 0])]
+    ordered = sharding.host_ordered(fake)
+    assert [d.id for d in ordered] == [1, 3, 4, 7, 0, 2, 5, 6]
+    sharding.check_host_rows(np.array([d.process_index for d in ordered]).reshape(4, 2), 2)
 
 
 def test_fsdp_rule_splits_the_largest_divisible_dimension_of_large_arrays():

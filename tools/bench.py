@@ -5,6 +5,7 @@
     python tools/bench.py flops [--config configs/merlin.py] [--batch 1]
     python tools/bench.py conv [--volumes 16x24x24,32x48x48] [--batch 8] [--repeats 10] [--no-per-kind]
     python tools/bench.py loss [--devices 8] [--per-device-batches 16,128,512] [--dim 512]
+    python tools/bench.py mesh [--config configs/merlin.py] [--batch 1] [--devices 8] [--meshes 8x1,4x2,1x8]
 
 `data`: CT load + preprocess throughput (studies/s, MB/s of decoded voxels) on the phantom, beside
 the I/O floor (read the same .nii.gz files and gunzip them, nothing else). Two targets: the phantom
@@ -27,6 +28,9 @@ the tower's forward (train mode), gradient and AdamW step with all convs native,
 (unless `--no-per-kind`) depth taps for one conv kind only and for all kinds but one; then the whole
 vljax train step of `--config` (default the phantom recipe) at that volume. Ratios are native time /
 candidate time of the medians (> 1: the candidate is faster).
+
+`mesh`: per-device memory (arguments, temporaries) of the config's whole train step on simulated
+devices for each (data x fsdp) mesh, per-device batch `--batch` (tools/bench_mesh.py).
 
 `loss`: per-device memory of the contrastive loss (forward + backward) on simulated devices, vljax's
 all-gather loss against the naive replicated B x B computation (tools/bench_loss.py).
@@ -439,7 +443,7 @@ def bench_conv(volumes, *, batch: int, depth: int, width: int, repeats: int, per
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["data", "step", "flops", "conv", "loss"])
+    p.add_argument("what", choices=["data", "step", "flops", "conv", "loss", "mesh"])
     p.add_argument("--config", default=None, help="config spec for step/flops (path.py[:arg])")
     p.add_argument("--batch", type=int, default=None, help="batch size for step/flops/conv")
     p.add_argument("--steps", type=int, default=10)
@@ -454,10 +458,17 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=16, help="conv: ResNet width")
     p.add_argument("--no-per-kind", action="store_true", help="conv: skip the one-kind-only tower variants")
     p.add_argument("--no-full-step", action="store_true", help="conv: skip the whole vljax train step")
-    p.add_argument("--devices", type=int, default=8, help="loss: simulated devices")
+    p.add_argument("--devices", type=int, default=8, help="loss, mesh: simulated devices")
     p.add_argument("--per-device-batches", default="16,128,512", help="loss: per-device batch sizes b")
     p.add_argument("--dim", type=int, default=512, help="loss: embedding width")
+    p.add_argument("--meshes", default="8x1,4x2,1x8", help="mesh: (data)x(fsdp) shapes over --devices")
     a = p.parse_args(argv)
+    if a.what == "mesh":
+        from bench_mesh import bench_mesh
+
+        meshes = [tuple(int(v) for v in m.split("x")) for m in a.meshes.split(",")]
+        bench_mesh(_load_config(a.config or "configs/merlin.py"), meshes, a.batch or 1, a.devices, a.text_size)
+        return 0
     if a.what == "loss":
         from bench_loss import bench_loss  # tools/ is this script's directory
 

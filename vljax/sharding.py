@@ -53,8 +53,26 @@ def make_mesh(mesh_config=None, devices: Sequence[jax.Device] | None = None) -> 
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     if devices == list(jax.devices()):  # GSPMD ("Auto") axes, as `Mesh` makes them
-        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-    return Mesh(np.array(devices).reshape(shape), AXES)
+        mesh = jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+        processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+        if _hosts_contiguous(processes, len(set(processes.flat))):
+            return mesh
+        # The topology order splits some host's devices across the batch (`check_host_rows`): order
+        # them host by host instead, which every (data, fsdp) shape allows.
+        devices = host_ordered(devices)
+    return Mesh(np.array(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def host_ordered(devices: Sequence[jax.Device]) -> list[jax.Device]:
+    """`devices` process by process (each process's in their own order): every host's devices then
+    hold one contiguous block of the batch, process 0's first."""
+    return sorted(devices, key=lambda d: d.process_index)
+
+
+def _hosts_contiguous(device_processes: np.ndarray, process_count: int) -> bool:
+    order = np.asarray(device_processes).reshape(-1)
+    return order.size % process_count == 0 and np.array_equal(
+        order, np.repeat(np.arange(process_count), order.size // process_count))
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -73,15 +91,13 @@ def check_host_rows(device_processes: np.ndarray, process_count: int) -> None:
     (data, fsdp) order. They agree only if, in that order, process p's devices come p-th and together.
     `device_processes` is `mesh.devices`' process indices. A mesh where they do not (an `fsdp` axis that
     interleaves hosts) would train on rows that no host loaded for those devices: refused here."""
-    order = np.asarray(device_processes).reshape(-1)
-    per = order.size // process_count
-    want = np.repeat(np.arange(process_count), per)
-    if order.size % process_count or not np.array_equal(order, want):
+    if not _hosts_contiguous(device_processes, process_count):
+        order = np.asarray(device_processes).reshape(-1)
         raise ValueError(
             f"the mesh {tuple(np.shape(device_processes))} (data, fsdp) orders the devices of the {process_count} "
             f"processes as {order.tolist()}: each host must hold a contiguous block of the batch, process 0's "
             "first. Choose config.mesh.fsdp as a divisor of the devices per host (FSDP within each host, data "
-            "parallel across hosts), or config.mesh.data=1 with fsdp over all devices.")
+            "parallel across hosts), or config.mesh.data=1 with fsdp over all devices; `make_mesh` orders them so.")
 
 
 def check_mesh_hosts(mesh: Mesh) -> None:
