@@ -18,12 +18,18 @@ import sys
 import time
 
 
-def mesh_memory(config, meshes: list[tuple[int, int]], per_device_batch: int, devices: int,
-                text_size: str | None = None) -> list[dict]:
-    """[{data, fsdp, args, outputs, temps, compile_s}] in bytes per device, one per mesh."""
+def _simulate_devices(devices: int) -> None:
+    """`devices` CPU devices, if JAX is not imported yet (else its devices are what they are)."""
     flag = f"--xla_force_host_platform_device_count={devices}"
     if "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def mesh_memory(config, meshes: list[tuple[int, int]], per_device_batch: int, devices: int,
+                text_size: str | None = None, on_row=None) -> list[dict]:
+    """[{data, fsdp, args, outputs, temps, compile_s}] in bytes per device, one per mesh (each also
+    passed to `on_row` as soon as it is measured)."""
+    _simulate_devices(devices)
     import types
 
     import jax
@@ -55,22 +61,28 @@ def mesh_memory(config, meshes: list[tuple[int, int]], per_device_batch: int, de
         m = step.lower(state, batch).compile().memory_analysis()
         rows.append(dict(data=data, fsdp=fsdp, args=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
                          temps=m.temp_size_in_bytes, compile_s=time.perf_counter() - t0))
+        if on_row:
+            on_row(rows[-1])
     return rows
 
 
 def bench_mesh(config, meshes: list[tuple[int, int]], per_device_batch: int, devices: int,
                text_size: str | None = None) -> None:
-    rows = mesh_memory(config, meshes, per_device_batch, devices, text_size)
+    _simulate_devices(devices)
     import jax
 
     gib = 2 ** 30
     image = config.model.image
-    print(f"train step of ResNet-{image.depth} width {image.width} at {tuple(config.data.shape)} (x,y,z), "
-          f"{config.model.dtype}, remat {image.remat}, text {config.model.text.get('size')}; per-device batch "
-          f"{per_device_batch}, global {config.batch_size}, on {devices} {jax.devices()[0].platform} devices; "
-          "per-device GiB from XLA's memory analysis (compile only)")
-    print(f"{'mesh (data x fsdp)':>18} | {'arguments':>9} {'outputs':>8} {'temps':>8} {'total':>8} | compile s")
-    for r in rows:
+    print(f"train step of ResNet-{image.depth} width {image.width} (conv {image.conv}) at {tuple(config.data.shape)} "
+          f"(x,y,z), {config.model.dtype}, remat {image.remat}, text {text_size or config.model.text.get('size')}; "
+          f"per-device batch {per_device_batch}, global {per_device_batch * devices}, on {devices} "
+          f"{jax.devices()[0].platform} devices; per-device GiB from XLA's memory analysis (compile only)")
+    print(f"{'mesh (data x fsdp)':>18} | {'arguments':>9} {'outputs':>8} {'temps':>8} {'total':>8} | compile s",
+          flush=True)
+
+    def row(r):
         total = r["args"] + r["temps"]  # outputs alias the donated arguments
         print(f"{r['data']:>9} x {r['fsdp']:<6} | {r['args'] / gib:9.2f} {r['outputs'] / gib:8.2f} "
-              f"{r['temps'] / gib:8.2f} {total / gib:8.2f} | {r['compile_s']:.0f}")
+              f"{r['temps'] / gib:8.2f} {total / gib:8.2f} | {r['compile_s']:.0f}", flush=True)
+
+    mesh_memory(config, meshes, per_device_batch, devices, text_size, on_row=row)
