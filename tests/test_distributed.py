@@ -98,7 +98,8 @@ def test_two_processes_train_as_one_process_with_two_devices_and_resume_after_on
     # The same command again: both processes resume from the newest complete checkpoint and finish.
     rc, out = _launch(2, 1, _trainer(phantom_dir, two))
     assert rc == 0, out[-4000:]
-    assert re.search(r"\[0\] .*resuming from .* at step [23]\b", out), out[-4000:]
+    # From step 2 or 3 (step 4's checkpoint, committed before the kill landed, would also do).
+    assert re.search(r"\[0\] .*resuming from .* at step [234]\b", out), out[-4000:]
     assert "mesh data=2 x fsdp=1 over 2 devices" in out
     # Process 0 alone logs and writes results; process 1 logs nothing below a warning.
     assert not re.search(r"^\[1\] I\d{4}", out, re.M), out[-4000:]
