@@ -15,8 +15,8 @@ Output lines are prefixed with `[k]`. When one copy exits with an error or is ki
 stopped after `--grace` seconds (a peer that lost its partner would otherwise wait for it up to
 jax's heartbeat timeout; on CPU jax aborts it sooner). Each failure is reported as it is seen. The
 exit status is 0 when every copy exited 0, else the first failing copy's (128 + signal number for a
-signal; copies that fail within the same 0.1 s poll count in process order). SIGTERM and SIGINT are passed on to every copy (a
-preemption: the trainer saves a checkpoint and exits 0).
+signal; copies that fail within the same 0.1 s poll count in process order). SIGTERM and SIGINT are
+passed on to every copy (a preemption: the trainer saves a checkpoint and exits 0).
 """
 
 from __future__ import annotations
