@@ -68,6 +68,24 @@ def test_process_environment_sets_the_coordinator_the_geometry_and_the_devices()
     assert launch_local.main(["--processes", "2"]) == 2  # no command
 
 
+def test_launcher_reports_each_failure_stops_the_others_and_exits_with_the_first():
+    import io
+
+    out = io.StringIO()
+    assert launch_local.launch(["bash", "-c", "exit 0"], 2, out=out) == 0
+    out = io.StringIO()  # process 1 fails at once; process 0 would sleep 30 s: stopped after the grace
+    start = time.monotonic()
+    rc = launch_local.launch(["bash", "-c", '[ "$VLJAX_PROCESS_ID" = 1 ] && exit 3; sleep 30'], 2, grace=0.5,
+                             out=out)
+    assert rc == 3 and time.monotonic() - start < 15, out.getvalue()
+    assert "process 1 exited with status 3" in out.getvalue()
+    assert "process 0 exited with signal SIGKILL" in out.getvalue()
+    out = io.StringIO()  # the geometry each copy sees, and its output prefixed with its number
+    assert launch_local.launch(["bash", "-c", 'echo "$VLJAX_PROCESS_ID/$VLJAX_NUM_PROCESSES $JAX_COORDINATOR_ADDRESS"'],
+                               2, port=4321, out=out) == 0
+    assert "[0] 0/2 127.0.0.1:4321" in out.getvalue() and "[1] 1/2 127.0.0.1:4321" in out.getvalue()
+
+
 def test_a_peer_that_never_comes_gives_a_clear_error_within_the_timeout(phantom_dir, tmp_path):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{launch_local.free_port()}", VLJAX_NUM_PROCESSES="2",
                VLJAX_PROCESS_ID="0", XLA_FLAGS="--xla_force_host_platform_device_count=1")

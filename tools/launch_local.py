@@ -102,8 +102,10 @@ def launch(command: list[str], processes: int, *, devices: int = 1, port: int = 
             p.wait()
         for t in pumps:
             t.join(timeout=5)
-    if first_failure is None:
-        first_failure = next((k for k, p in enumerate(procs) if p.returncode != 0), None)
+    for k, p in enumerate(procs):  # failures the loop did not see (every copy ended before a poll)
+        if p.returncode != 0 and k not in reported:
+            out.write(f"[launch_local] process {k} exited with {_status(p.returncode)}\n")
+            first_failure = k if first_failure is None else first_failure
     if first_failure is None:
         return 0
     rc = procs[first_failure].returncode
