@@ -88,6 +88,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.subset_seed = 0          # which studies a data-fraction subset keeps
     c.total_steps = 20_000     # a run is defined by steps, not epochs
     c.batch_size = 8           # global batch (the reproduction study's 8; Merlin used 18)
+    # > 1: GradCache (vljax/update.py make_grad_fn): the towers run on accum_steps micro-batches per
+    # device, the InfoNCE on the whole global batch; the same loss and gradients with the towers'
+    # activations held for one micro-batch. Image BatchNorm then normalises over each micro-batch.
+    c.accum_steps = 1
 
     # ---------------------------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()

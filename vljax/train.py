@@ -86,6 +86,7 @@ def _check_config(config, mesh) -> None:
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % mesh.size:
             raise ValueError(f"config.{name}={config[name]} is not divisible by the {mesh.size} devices")
+    update.check_accum_steps(config, mesh)
 
 
 @contextlib.contextmanager
