@@ -123,6 +123,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train_fraction = 1.0                 # seeded, nested subset of the training split
     c.data.workers = 4                          # Grain worker processes building batches
     c.data.cache_volumes = False                # preprocess every training volume once, keep them in memory
+    # A preprocessed-volume cache built by tools/preprocess.py with this config's spacing, shape,
+    # hu_window and dtype (vljax/data/volume_cache.py): volumes are read from it instead of decoded and
+    # resampled, bitwise the same. None: preprocess on the fly.
+    c.data.cache = config_dict.placeholder(str)
     c.data.prefetch = 2                         # batches buffered per worker
     # A study whose volume cannot be read: "raise" stops the run naming it; "skip" trains on a
     # deterministic replacement from the same class stream (batches stay a function of seed and step),

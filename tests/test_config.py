@@ -197,6 +197,8 @@ def test_workdir_that_cannot_be_used_is_named(tmp_path, monkeypatch):
      r"config\.model\.image\.init: /nonexistent/resnet\.safetensors does not exist"),
     ("model.dtype", "float8", r"config\.model\.dtype='float8'"),
     ("data.on_error", "ignore", r"config\.data\.on_error='ignore'"),
+    ("data.cache", "/nonexistent/cache", r"volume cache /nonexistent/cache does not exist; build it with "
+                                         r"`python tools/preprocess.py"),
     ("resume", "always", r"config\.resume='always'"),
     ("mesh.fsdp", 3, r"config\.mesh data=-1 x fsdp=3 does not divide the 8 devices"),
     ("model.image.bn_stats", "sync", r"config\.model\.image\.bn_stats='sync'"),

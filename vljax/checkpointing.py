@@ -38,7 +38,7 @@ from vljax.run_files import config_json
 RESUMABLE_FIELDS = frozenset({
     "log_every", "eval_every", "eval_max_studies", "ckpt_every", "keep_checkpoints", "data.workers",
     "data.prefetch", "final_eval_split", "eval_batch_size", "data.dir", "data.geometry_backend",
-    "data.cache_volumes", "zero_shot_prompts", "resume", "data.on_error", "data.max_skip_fraction",
+    "data.cache_volumes", "data.cache", "zero_shot_prompts", "resume", "data.on_error", "data.max_skip_fraction",
     # The mesh: a checkpoint restores into any mesh's shardings (orbax reshards on restore).
     "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size"})
 # Recipe fields added after checkpoints were first written: a saved config without one ran with this value.
@@ -271,6 +271,9 @@ def load_run(workdir: str | pathlib.Path, step: int = -1, data_dir: str | None =
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     if data_dir:
         config.data.dir = data_dir
+    if config.data.get("cache") and not pathlib.Path(config.data.cache).is_dir():  # a speed-up, same volumes
+        logging.warning("the run's volume cache %s is gone: preprocessing volumes on the fly", config.data.cache)
+        config.data.cache = None
     manifest = inputs.resolve_data(config, workdir)
     tokenizer = inputs.tokenizer_for(config)
     try:

@@ -77,6 +77,7 @@ class Evaluator:
             self._text = jit(lambda p, r, ids, mask: merge(p, r).encode_text(ids, mask, train=False))
         self.prompts = zero_shot.prompt_table(prompts.prompts_for(config.get("zero_shot_prompts", "merlin")))
         self._sources: dict[tuple, pipeline.EvalBatches] = {}
+        self._disk_cache = inputs.volume_cache(config)
 
     def compile_counts(self) -> dict[str, int]:
         """How many times each jitted function has been compiled (its cache size)."""
@@ -109,10 +110,13 @@ class Evaluator:
         if key not in self._sources:
             config = self.config
             volumes = None
+            if self._disk_cache is not None:
+                self._disk_cache.check(records)
             if config.data.get("cache_volumes", False) and len(records) >= PRELOAD_MIN_STUDIES:
                 volumes = pipeline.preload_volumes(records, inputs.ct_config(config),
                                                    workers=max(1, os.cpu_count() or 1),
-                                                   on_error=config.data.get("on_error", "raise"))
+                                                   on_error=config.data.get("on_error", "raise"),
+                                                   disk_cache=self._disk_cache)
             on_error = config.data.get("on_error", "raise")
             bad = ()
             if volumes is not None:
@@ -120,7 +124,8 @@ class Evaluator:
             self._sources[key] = pipeline.EvalBatches(
                 records, inputs.text_table(config, self.tokenizer, records), config.eval_batch_size,
                 inputs.ct_config(config), process_index=jax.process_index(),
-                process_count=jax.process_count(), volumes=volumes, on_error=on_error, bad=bad)
+                process_count=jax.process_count(), volumes=volumes, on_error=on_error, bad=bad,
+                disk_cache=self._disk_cache)
         return self._sources[key]
 
     def embed_images(self, params, rest, records, *, workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

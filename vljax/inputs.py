@@ -22,6 +22,7 @@ from vljax.data import ct as ct_lib
 from vljax.data import pipeline
 from vljax.data import reports as reports_lib
 from vljax.data import sampling as sampling_lib
+from vljax.data import volume_cache as volume_cache_lib
 from vljax.data.manifest import Manifest, load_manifest
 
 
@@ -87,6 +88,13 @@ def ct_config(config: ml_collections.ConfigDict) -> ct_lib.CTPreprocessConfig:
     d = config.data
     return ct_lib.CTPreprocessConfig(spacing=tuple(d.spacing), shape=tuple(d.shape),
                                      hu_window=tuple(d.hu_window), dtype=d.dtype)
+
+
+def volume_cache(config: ml_collections.ConfigDict) -> volume_cache_lib.VolumeCache | None:
+    """The preprocessed-volume cache `config.data.cache` names (tools/preprocess.py), opened for this
+    run's preprocessing settings (a cache built with others is refused); None when unset."""
+    path = config.data.get("cache")
+    return volume_cache_lib.VolumeCache(path, ct_config(config)) if path else None
 
 
 def tokenizer_for(config: ml_collections.ConfigDict):
@@ -225,17 +233,20 @@ def train_source(config, manifest: Manifest, tokenizer, text_fn: Callable | None
             unit_texts = dataclasses.replace(unit_texts, table=cache_text_features(unit_texts.table, text_fn))
     volumes, bad = None, []
     on_error = config.data.get("on_error", "raise")
+    disk_cache = volume_cache(config)
+    if disk_cache is not None:  # every training study there, its file unchanged: fail now, not mid-run
+        disk_cache.check(records)
     if config.data.get("cache_volumes", False):  # small inputs: decode and resample every training volume once
         t0 = time.perf_counter()
         volumes, bad = pipeline.preload_volumes(records, ct_config(config), workers=max(1, os.cpu_count() or 1),
-                                                on_error=on_error)
+                                                on_error=on_error, disk_cache=disk_cache)
         logging.info("cached %d preprocessed training volumes (%.1f MiB) in %.1f s", len(volumes),
                      volumes.nbytes / 2**20, time.perf_counter() - t0)
     return pipeline.TrainBatches(records, unit_texts, sampler,
                                  config.total_steps, ct_config(config),
                                  with_phenotypes=config.model.phenotype_weight > 0,
                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                 volumes=volumes, on_error=on_error, bad=bad)
+                                 volumes=volumes, on_error=on_error, bad=bad, disk_cache=disk_cache)
 
 
 def batch_spec(config, *, num_phenotypes: int, hidden_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -77,6 +77,7 @@ def _check_config(config, mesh) -> None:
         inputs.ct_config(config)
     except ValueError as e:  # its messages name CTPreprocessConfig's fields, which are config.data's
         raise ValueError(str(e).replace("CTPreprocessConfig.", "config.data.")) from None
+    inputs.volume_cache(config)  # config.data.cache: built, finished, for these settings (else refused)
     spec = two_tower.ModelSpec.from_config(config.model)
     for field, path in (("model.image.init", spec.image_init.partition("torchvision:")[2]),
                         ("model.text.path", spec.text_path if spec.text_init == "pretrained" else None),

@@ -445,6 +445,17 @@ def preprocess_ct(path: str | os.PathLike, config: CTPreprocessConfig = CTPrepro
                         f"CT file {os.fspath(path)!r}: {e}") from None
 
 
+def load_model_input(path: str | os.PathLike, config: CTPreprocessConfig = CTPreprocessConfig()) -> np.ndarray:
+    """`preprocess_ct`, refusing a constant result: what the input pipeline (and the volume cache)
+    feed the model for one file. A volume of one value (all 0 HU, all air) is not a CT, and training
+    on it teaches nothing (`vljax.validate --deep` finds them all)."""
+    volume = preprocess_ct(path, config)
+    if volume.size and volume.min() == volume.max():
+        raise CTLoadError(f"CT file {os.fspath(path)!r} is constant after preprocessing (every voxel "
+                          f"{float(volume.flat[0]):g} in [0, 1]): not a usable CT; fix or drop the file.")
+    return volume
+
+
 def check_geometry(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray,
                    spacing: Sequence[float] = CTPreprocessConfig().spacing) -> None:
     """Raises the CTLoadError `preprocess_ct` would raise for this geometry, without any voxels.

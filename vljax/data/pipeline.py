@@ -32,6 +32,7 @@ from vljax.data import ct as ct_lib
 from vljax.data import reports as reports_lib
 from vljax.data import sampling
 from vljax.data import workers as workers_lib
+from vljax.data.volume_cache import VolumeCache
 from vljax.data.manifest import StudyRecord
 
 
@@ -143,20 +144,19 @@ def host_slice(global_batch: int, process_index: int, process_count: int) -> sli
     return slice(process_index * local, (process_index + 1) * local)
 
 
-def _read_volume(path: str, config: ct_lib.CTPreprocessConfig) -> np.ndarray:
-    """`preprocess_ct`, refusing a constant result: a volume of one value (all 0 HU, all air) is
-    not a CT, and training on it teaches nothing (`vljax.validate --deep` finds them all)."""
-    volume = ct_lib.preprocess_ct(path, config)
-    if volume.size and volume.min() == volume.max():
-        raise ct_lib.CTLoadError(f"CT file {path!r} is constant after preprocessing (every voxel "
-                                 f"{float(volume.flat[0]):g} in [0, 1]): not a usable CT; fix or drop the file.")
-    return volume
+def _read_volume(study_id: str, path: str, config: ct_lib.CTPreprocessConfig,
+                 disk_cache: VolumeCache | None = None) -> np.ndarray:
+    """One study's model input: from the preprocessed-volume cache when there is one (bitwise the
+    same), else decoded and preprocessed now (`ct.load_model_input`)."""
+    if disk_cache is not None:
+        return disk_cache.read(study_id, path)
+    return ct_lib.load_model_input(path, config)
 
 
-def _preprocess_one(args: tuple[str, ct_lib.CTPreprocessConfig, bool]) -> np.ndarray | None:
-    path, config, skip = args
+def _preprocess_one(args: tuple[str, str, ct_lib.CTPreprocessConfig, bool, VolumeCache | None]) -> np.ndarray | None:
+    study_id, path, config, skip, disk_cache = args
     try:
-        return _read_volume(path, config)
+        return _read_volume(study_id, path, config, disk_cache)
     except ct_lib.CTLoadError:
         if skip:
             return None
@@ -164,15 +164,16 @@ def _preprocess_one(args: tuple[str, ct_lib.CTPreprocessConfig, bool]) -> np.nda
 
 
 def preload_volumes(records: Sequence[StudyRecord], ct_config: ct_lib.CTPreprocessConfig, *,
-                    workers: int = 0, max_bytes: int = 8 << 30, on_error: str = "raise"
-                    ) -> tuple[np.ndarray, list[int]]:
+                    workers: int = 0, max_bytes: int = 8 << 30, on_error: str = "raise",
+                    disk_cache: VolumeCache | None = None) -> tuple[np.ndarray, list[int]]:
     """Every record's preprocessed volume, in record order, as one array [N, D, H, W], and the
     indices of the records whose volume could not be read (zeros in the array; only with
     `on_error="skip"`, else the first one raises `CTLoadError`).
 
     For small model inputs (the phantom default: 24x24x16 voxels, 37 KB a study) this takes the
     NIfTI decoding and resampling out of the training loop: they are done once, in `workers`
-    processes, instead of for every batch. Refuses when the cache would exceed `max_bytes`."""
+    processes, instead of for every batch (with `disk_cache`: read from it, in this process).
+    Refuses when the cache would exceed `max_bytes`."""
     shape = tuple(ct_config.shape)
     itemsize = 2 if ct_config.dtype == "bfloat16" else 4
     need = len(records) * int(np.prod(shape)) * itemsize
@@ -180,8 +181,8 @@ def preload_volumes(records: Sequence[StudyRecord], ct_config: ct_lib.CTPreproce
         raise ValueError(f"caching {len(records)} preprocessed volumes of {shape} needs {need / 2**30:.1f} GiB "
                          f"(limit {max_bytes / 2**30:.0f} GiB): set config.data.cache_volumes=False to load "
                          "volumes batch by batch")
-    jobs = [(str(r.image), ct_config, on_error == "skip") for r in records]
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 16))
+    jobs = [(r.study_id, str(r.image), ct_config, on_error == "skip", disk_cache) for r in records]
+    workers = 1 if disk_cache is not None else min(workers or os.cpu_count() or 1, max(1, len(jobs) // 16))
     try:
         if workers <= 1:
             out = [_preprocess_one(j) for j in jobs]
@@ -203,7 +204,8 @@ def preload_volumes(records: Sequence[StudyRecord], ct_config: ct_lib.CTPreproce
 
 class _StudyLoader:
     """Loads the per-study arrays of a list of indices (shared by train and eval sources); with
-    `volumes` (from `preload_volumes`, in record order) the images come from memory.
+    `volumes` (from `preload_volumes`, in record order) the images come from memory, with `disk_cache`
+    from the preprocessed-volume cache (`volume_cache`), else from the NIfTI files.
 
     `on_error` says what a volume that cannot be read does: "raise" a `CTLoadError` naming the study,
     or "skip": `volume` returns None (the caller stands another study in, or leaves it out). Indices
@@ -211,8 +213,8 @@ class _StudyLoader:
 
     def __init__(self, records: Sequence[StudyRecord], text: TextTable, ct_config: ct_lib.CTPreprocessConfig,
                  with_phenotypes: bool, volumes: np.ndarray | None = None, *, on_error: str = "raise",
-                 bad: Sequence[int] = ()):
-        self.records, self.text, self.ct_config = tuple(records), text, ct_config
+                 bad: Sequence[int] = (), disk_cache: VolumeCache | None = None):
+        self.records, self.text, self.ct_config, self.disk_cache = tuple(records), text, ct_config, disk_cache
         if volumes is not None and len(volumes) != len(self.records):
             raise ValueError(f"{len(volumes)} cached volumes for {len(self.records)} records")
         if on_error not in ("raise", "skip"):
@@ -235,7 +237,8 @@ class _StudyLoader:
         if self.volumes is not None:
             return self.volumes[i]
         try:
-            return _read_volume(self.records[i].image, self.ct_config)
+            record = self.records[i]
+            return _read_volume(record.study_id, record.image, self.ct_config, self.disk_cache)
         except ct_lib.CTLoadError as e:
             if self.on_error == "skip":
                 self.bad.add(i)
@@ -279,11 +282,11 @@ class TrainBatches:
     def __init__(self, records: Sequence[StudyRecord], texts: UnitTexts, sampler: sampling.BatchSampler,
                  total_steps: int, ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
                  process_index: int = 0, process_count: int = 1, volumes: np.ndarray | None = None,
-                 on_error: str = "raise", bad: Sequence[int] = ()):
+                 on_error: str = "raise", bad: Sequence[int] = (), disk_cache: VolumeCache | None = None):
         if len(records) != len(texts):
             raise ValueError(f"{len(records)} records but text rows for {len(texts)} studies")
         self.loader = _StudyLoader(records, texts.table, ct_config, with_phenotypes, volumes,
-                                   on_error=on_error, bad=bad)
+                                   on_error=on_error, bad=bad, disk_cache=disk_cache)
         self.rows = texts.rows
         for u in (sampling.FULL,) + sampler.schedule.sections:
             missing = sampler.units.available[:, u] & (self.rows[:, u] < 0)
@@ -332,12 +335,13 @@ class EvalBatches:
     def __init__(self, records: Sequence[StudyRecord], text: TextTable, global_batch: int,
                  ct_config: ct_lib.CTPreprocessConfig, *, with_phenotypes: bool = False,
                  process_index: int = 0, process_count: int = 1, volumes: np.ndarray | None = None,
-                 on_error: str = "raise", bad: Sequence[int] = ()):
+                 on_error: str = "raise", bad: Sequence[int] = (), disk_cache: VolumeCache | None = None):
         if not records:
             raise ValueError("the evaluation split is empty")
         if len(records) != len(text):
             raise ValueError(f"{len(records)} records but {len(text)} tokenised texts")
-        self.loader = _StudyLoader(records, text, ct_config, with_phenotypes, volumes, on_error=on_error, bad=bad)
+        self.loader = _StudyLoader(records, text, ct_config, with_phenotypes, volumes, on_error=on_error, bad=bad,
+                                   disk_cache=disk_cache)
         self.global_batch, self.num_studies = global_batch, len(records)
         self.slice = host_slice(global_batch, process_index, process_count)
 
