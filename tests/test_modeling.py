@@ -18,7 +18,7 @@ from tests.models.test_resnet3d import numpy_state_dict, random_torch_resnet
 
 def _tiny_model_config(image_init: str):
     c = merlin.get_config("tiny")
-    c.model.image.init = image_init
+    c.model.image.update(init=image_init, depth=18)  # torchvision has ResNet-18, not tiny's ResNet-10
     c.model.phenotype_weight = 0.0
     return c
 

@@ -30,6 +30,7 @@ Norm = Literal["batch", "group"]
 
 # depth -> (block kind, blocks per stage).
 RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    10: ("basic", (1, 1, 1, 1)),   # MedicalNet's 3D ResNet-10; the tiny test config's tower
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
