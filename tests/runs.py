@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import merlin
-from vljax import checkpointing, modeling, update
+from vljax import checkpointing, inputs, modeling, update
 
 CONFIG_PATH = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "merlin.py")
 
@@ -94,3 +94,24 @@ def check_run_stats(workdir, config, batches):
         assert [b["unit"] for b in batches][::2] == ["full"] * len(batches[::2])
         assert [b["unit"] for b in batches][1::2] == list(stats["schedule"]["sections"])[:len(batches[1::2])]
     return stats, fractions
+
+
+def random_batches(config, num_phenotypes: int, hidden: int, steps: int) -> list[dict[str, np.ndarray]]:
+    """`steps` random host batches of `inputs.batch_spec(config)` (seeded): images in [0, 1), token ids,
+    attention masks of random lengths, phenotypes in {-1, 0, 1}."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        batch = {}
+        for key, (shape, dtype) in inputs.batch_spec(config, num_phenotypes=num_phenotypes,
+                                                     hidden_size=hidden).items():
+            if key == "image":
+                batch[key] = rng.random(shape, np.float32).astype(dtype)
+            elif key == "input_ids":
+                batch[key] = rng.integers(1000, 2000, shape).astype(dtype)
+            elif key == "attention_mask":
+                batch[key] = (np.arange(shape[1]) < rng.integers(4, shape[1], (shape[0], 1))).astype(dtype)
+            else:  # phenotypes: -1 unknown, 0, 1
+                batch[key] = rng.integers(-1, 2, shape).astype(dtype)
+        out.append(batch)
+    return out

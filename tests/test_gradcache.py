@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from configs import merlin
-from vljax import inputs, modeling, update
+from vljax import modeling, update
 from vljax.data import pipeline
 from vljax.models import two_tower
+
+from tests.runs import random_batches
 
 B, K = 32, 4
 
@@ -38,21 +40,6 @@ def _config(norm: str, accum: int):
     c.model.phenotype_weight = 1.0
     c.batch_size, c.accum_steps = B, accum
     return c
-
-
-def _batch(config):
-    rng = np.random.default_rng(0)
-    out = {}
-    for key, (shape, dtype) in inputs.batch_spec(config, num_phenotypes=3, hidden_size=0).items():
-        if key == "image":
-            out[key] = rng.random(shape, np.float32).astype(dtype)
-        elif key == "input_ids":
-            out[key] = rng.integers(1000, 2000, shape).astype(dtype)
-        elif key == "attention_mask":
-            out[key] = (np.arange(shape[1]) < rng.integers(4, shape[1], (shape[0], 1))).astype(dtype)
-        else:  # phenotypes: -1 unknown, 0, 1
-            out[key] = rng.integers(-1, 2, shape).astype(dtype)
-    return out
 
 
 def _random_state(model):
@@ -76,7 +63,7 @@ def _grads(config, mesh, bn_slices: int):
     model = modeling.abstract_model(dataclasses.replace(spec, image_bn_slices=bn_slices), config.seed)
     params, rest = _random_state(model)
     grad_fn = jax.jit(update.make_grad_fn(model, config, mesh))
-    out = grad_fn(params, rest, pipeline.to_global(_batch(config), mesh), jax.random.key(3))
+    out = grad_fn(params, rest, pipeline.to_global(random_batches(config, 3, 0, 1)[0], mesh), jax.random.key(3))
     return jax.tree.map(np.asarray, out), rest
 
 

@@ -16,9 +16,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import merlin
-from vljax import checkpointing, inputs, modeling, sharding, update
+from vljax import checkpointing, modeling, sharding, update
 from vljax.data import pipeline
 from vljax.models import resnet3d
+
+from tests.runs import random_batches
 
 
 def _mesh_config(data, fsdp, min_size=0):
@@ -81,25 +83,6 @@ def _config(bn_stats: str):
     return c
 
 
-def _batches(config, num_phenotypes: int, hidden: int, steps: int):
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(steps):
-        batch = {}
-        for key, (shape, dtype) in inputs.batch_spec(config, num_phenotypes=num_phenotypes,
-                                                     hidden_size=hidden).items():
-            if key == "image":
-                batch[key] = rng.random(shape, np.float32).astype(dtype)
-            elif key == "input_ids":
-                batch[key] = rng.integers(1000, 2000, shape).astype(dtype)
-            elif key == "attention_mask":
-                batch[key] = (np.arange(shape[1]) < rng.integers(4, shape[1], (shape[0], 1))).astype(dtype)
-            else:  # phenotypes: -1 unknown, 0, 1
-                batch[key] = rng.integers(-1, 2, shape).astype(dtype)
-        out.append(batch)
-    return out
-
-
 def _train(config, mesh, spec, batches, init_state=None):
     """Three steps on `mesh`: (losses, final state as numpy, state shardings)."""
     model = modeling.abstract_model(spec, config.seed)
@@ -133,7 +116,7 @@ def reference():
             tx, _ = update.make_optimizer(config)
             abstract = checkpointing.abstract_train_state(model, tx, config.seed, one)
             init = jax.tree.map(np.asarray, checkpointing.init_train_state(model, tx, config.seed, abstract))
-        batches = _batches(config, 16, spec.text_config().hidden_size, 3)
+        batches = random_batches(config, 16, spec.text_config().hidden_size, 3)
         losses, final, _ = _train(config, one, spec, batches, init)
         out[bn_stats] = init, losses, final, batches
     return out
