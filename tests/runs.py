@@ -38,9 +38,11 @@ def tiny_config(data_dir, total_steps: int = 4):
 def load_state(workdir, config, step):
     """Restores the checkpointed train state of `workdir` at `step` as numpy."""
     mesh = modeling.make_mesh()
+    from vljax import cxr
     from vljax.data.manifest import load_manifest
 
-    model = modeling.abstract_model(modeling.model_spec(config, load_manifest(config.data.dir)), config.seed)
+    manifest = None if cxr.is_cxr(config) else load_manifest(config.data.dir)
+    model = modeling.abstract_model(modeling.model_spec(config, manifest), config.seed)
     tx, _ = update.make_optimizer(config)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = checkpointing.abstract_train_state(model, tx, config.seed, rep)

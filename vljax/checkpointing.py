@@ -39,6 +39,9 @@ RESUMABLE_FIELDS = frozenset({
     "log_every", "eval_every", "eval_max_studies", "ckpt_every", "keep_checkpoints", "data.workers",
     "data.prefetch", "final_eval_split", "eval_batch_size", "data.dir", "data.geometry_backend",
     "data.cache_volumes", "data.cache", "zero_shot_prompts", "resume", "data.on_error", "data.max_skip_fraction",
+    # CXR-CLIP: the data's location (its content is the dataset fingerprint's) and evaluation-only fields.
+    "data.dirs", "eval.classes", "eval.multiclass", "eval.multiclass_per_class", "eval.probe_fractions",
+    "eval.probe_max_train",
     # The mesh: a checkpoint restores into any mesh's shardings (orbax reshards on restore).
     "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size"})
 # Recipe fields added after checkpoints were first written: a saved config without one ran with this value.
@@ -113,7 +116,7 @@ def check_resumable(saved: dict, config) -> None:
                          f"{', '.join(differ)}); resume with the same config or use a new --workdir")
 
 
-def _digest(rows) -> str:
+def digest_rows(rows) -> str:
     h = hashlib.sha256()
     for row in rows:
         h.update(json.dumps(row, separators=(",", ":")).encode())
@@ -137,16 +140,16 @@ def dataset_fingerprint(manifest, train_records, sampler) -> dict:
     units = sampler.units
     return {
         "studies": {s: sum(r.split == s for r in recs) for s in ("train", "val", "test")},
-        "splits": _digest([r.study_id, r.split] for r in recs),
-        "labels": _digest([r.study_id, list(r.labels)] for r in recs),
-        "reports": _digest([r.study_id, r.findings, r.impression] for r in recs),
-        "phenotypes": _digest([[list(manifest.phenotype_codes)]]
+        "splits": digest_rows([r.study_id, r.split] for r in recs),
+        "labels": digest_rows([r.study_id, list(r.labels)] for r in recs),
+        "reports": digest_rows([r.study_id, r.findings, r.impression] for r in recs),
+        "phenotypes": digest_rows([[list(manifest.phenotype_codes)]]
                               + [[r.study_id, None if r.phenotypes is None else list(r.phenotypes)] for r in recs]),
-        "files": _digest(files),
+        "files": digest_rows(files),
         # Per study (name, bytes, mtime): not compared itself, it names the files behind a "files" change.
         "file_stats": {sid: rest for sid, *rest in files},
-        "train_records": _digest([r.study_id] for r in train_records),
-        "sampler": _digest([repr(sampler), units.available.astype(np.uint8).tolist(),
+        "train_records": digest_rows([r.study_id] for r in train_records),
+        "sampler": digest_rows([repr(sampler), units.available.astype(np.uint8).tolist(),
                             units.abnormal.astype(np.uint8).tolist()]),
     }
 

@@ -51,6 +51,8 @@ def geometry_record(config) -> dict:
     """The volume geometry the run trained on: the recipe name (`configs/merlin.py` geometry=), the
     backend `auto` was resolved on, voxel size and shape (None for runs from before the record)."""
     d = config.data
+    if "spacing" not in d:  # a 2D task (CXR-CLIP): square images of data.image_size pixels
+        return {"name": "2d", "image_size": int(d.image_size)}
     return {"name": d.get("geometry"), "backend": d.get("geometry_backend"),
             "spacing_mm": [float(x) for x in d.spacing], "shape": [int(x) for x in d.shape]}
 

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from vljax import checkpointing, cli, inputs, modeling, run_files, sharding, update
+from vljax import checkpointing, cli, cxr, inputs, modeling, run_files, sharding, update
 from vljax.data import pipeline
 from vljax.data import sampling as sampling_lib
 from vljax.evals import report
@@ -136,6 +136,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         return _train_and_evaluate(config, workdir, stop_at_step, preempted)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Tasks: what differs between the CT model and CXR-CLIP (data, model spec, source, step, evaluation)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _CTTask:
+    """Merlin-style 3D CT CLIP (configs/merlin.py)."""
+
+    def __init__(self, config, workdir: pathlib.Path, mesh):
+        _check_config(config, mesh)  # before any work: a bad option costs nothing
+        self.config = config
+        manifest = inputs.resolve_data(config, workdir)
+        self.manifest, self.excluded = inputs.check_volume_headers(config, manifest)  # before the model is built
+        self.tokenizer = inputs.tokenizer_for(config)
+        records = inputs.train_records(config, self.manifest)
+        self.fingerprint = checkpointing.dataset_fingerprint(self.manifest, records,
+                                                             inputs.make_sampler(config, records)[0])
+
+    def model_spec(self, mesh):
+        return modeling.model_spec(self.config, self.manifest, mesh)
+
+    def source(self, text_fn):
+        return inputs.train_source(self.config, self.manifest, self.tokenizer, text_fn)
+
+    def logs(self, workdir, source, is_main):
+        skips = run_files.SkipLog(workdir / "run_stats.json", source, self.config.data.max_skip_fraction,
+                                  enabled=is_main)
+        batch_log = run_files.BatchLog(workdir / "train_batches.jsonl", source.sampler,
+                                       [r.study_id for r in source.loader.records], enabled=is_main)
+        return batch_log, skips
+
+    def write_run_stats(self, workdir, source) -> None:
+        config = self.config
+        stats = run_files.write_run_stats(workdir, config, source.sampler, self.excluded)
+        logging.info("sampling %s: %d training studies, %d steps (%s), normal fraction per batch "
+                     "min/mean/max %.3f/%.3f/%.3f -> %s", config.data.sampling, stats["train_studies"],
+                     config.total_steps, ", ".join(f"{k} {v}" for k, v in stats["steps_per_unit"].items()),
+                     *stats["normal_fraction_per_batch"]["all"].values(), workdir / "run_stats.json")
+
+    def train_step(self, model, tx, schedule, mesh, state_shardings):
+        return update.jit_train_step(model, tx, schedule, self.config, mesh, state_shardings)
+
+    def evaluator(self, model, mesh):
+        return Evaluator(self.config, model, mesh, self.tokenizer)
+
+    def validate(self, evaluator, state, done) -> dict:
+        config = self.config
+        val = evaluator.evaluate(state["params"], state["rest"],
+                                 _subset(self.manifest.split("val"), config.eval_max_studies))
+        logging.info("step %d val: loss %s zero-shot macro F1 %.4f (all-positive %.4f)", done,
+                     val["loss"], val["zero_shot"]["macro_f1"], val["zero_shot"]["baselines"]["all_positive"])
+        return {"val/loss": val["loss"] or float("nan"), "val/zero_shot_macro_f1": val["zero_shot"]["macro_f1"],
+                "val/retrieval_r5": val["retrieval"]["r5"]}
+
+    def final(self, evaluator, state, workdir, last_step, writer, is_main) -> dict:
+        config, split = self.config, self.config.final_eval_split
+        result, predictions = evaluator.evaluate_with_predictions(state["params"], state["rest"],
+                                                                  self.manifest.split(split))
+        zs = result["zero_shot"]
+        writer.write_scalars(last_step, {f"{split}/zero_shot_macro_f1": zs["macro_f1"],
+                                         f"{split}/retrieval_r1": result["retrieval"]["r1"]})
+        if is_main:
+            path = run_files.write_results(workdir, split, last_step, result, config)
+            run_files.write_predictions(workdir, split, last_step, predictions)
+            logging.info("%s zero-shot macro F1 %.4f (baselines: all-positive %.4f, random %.4f); R@1/5/10 "
+                         "%.3f/%.3f/%.3f -> %s", split, zs["macro_f1"], zs["baselines"]["all_positive"],
+                         zs["baselines"]["random"], result["retrieval"]["r1"], result["retrieval"]["r5"],
+                         result["retrieval"]["r10"], path)
+            report.write_report(zs, split, workdir, step=last_step, log=logging.info)
+        return result
+
+
+def _make_task(config, workdir, mesh):
+    if cxr.is_cxr(config):
+        from vljax.cxr_task import CXRTask
+
+        return CXRTask(config, workdir, mesh)
+    return _CTTask(config, workdir, mesh)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loop
+# ---------------------------------------------------------------------------------------------------
+
+
 def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: threading.Event) -> dict | None:
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
@@ -143,16 +228,10 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
         _make_workdir(workdir)
     mesh = modeling.make_mesh(config)  # a config.mesh that does not fit the devices stops here
     sharding.check_mesh_hosts(mesh)  # each host's slice of the batch is what its devices hold
-    _check_config(config, mesh)  # before any work: a bad option costs nothing
-    manifest = inputs.resolve_data(config, workdir)
-    manifest, excluded = inputs.check_volume_headers(config, manifest)  # before the model is built
-    tokenizer = inputs.tokenizer_for(config)
+    task = _make_task(config, workdir, mesh)
+    fingerprint = task.fingerprint
 
-    train_records = inputs.train_records(config, manifest)
-    fingerprint = checkpointing.dataset_fingerprint(manifest, train_records,
-                                                    inputs.make_sampler(config, train_records)[0])
-
-    model = modeling.abstract_model(modeling.model_spec(config, manifest, mesh), config.seed)
+    model = modeling.abstract_model(task.model_spec(mesh), config.seed)
     tx, schedule = update.make_optimizer(config)
     mngr = checkpointing.checkpoint_manager(workdir, config)
     abstract_state = checkpointing.abstract_train_state(model, tx, config.seed, mesh, sharding.min_size(config))
@@ -167,29 +246,23 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
     text_fn = None
     if not config.model.text.trainable:  # the locked tower runs once, over every training text
         text_fn = modeling.locked_text_fn(model, state["params"], state["rest"], mesh)
-    source = inputs.train_source(config, manifest, tokenizer, text_fn)
+    source = task.source(text_fn)
     del text_fn  # it holds the initial state's buffers, which the first step donates
     # Item k of the source is step k's batch (a pure function of the seeds and k), so resuming at step
     # `start` needs no iterator state: the iterator starts there, whatever the worker count.
     start = int(state["step"])
     data_iter = pipeline.make_iterator(source, workers=config.data.workers, prefetch=config.data.prefetch,
                                        start=start)
-    skips = run_files.SkipLog(workdir / "run_stats.json", source, config.data.max_skip_fraction, enabled=is_main)
-    batch_log = run_files.BatchLog(workdir / "train_batches.jsonl", source.sampler,
-                                   [r.study_id for r in source.loader.records], enabled=is_main)
+    batch_log, skips = task.logs(workdir, source, is_main)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(run_files.config_json(config), indent=2))
         run_files.code_version()  # the commit at start-up, which results.json records
         batch_log.start(start)
         skips.start(batch_log.path)
-        stats = run_files.write_run_stats(workdir, config, source.sampler, excluded)
-        logging.info("sampling %s: %d training studies, %d steps (%s), normal fraction per batch "
-                     "min/mean/max %.3f/%.3f/%.3f -> %s", config.data.sampling, stats["train_studies"],
-                     config.total_steps, ", ".join(f"{k} {v}" for k, v in stats["steps_per_unit"].items()),
-                     *stats["normal_fraction_per_batch"]["all"].values(), workdir / "run_stats.json")
+        task.write_run_stats(workdir, source)
 
-    train_step = update.jit_train_step(model, tx, schedule, config, mesh, state_shardings)
-    evaluator = Evaluator(config, model, mesh, tokenizer)
+    train_step = task.train_step(model, tx, schedule, mesh, state_shardings)
+    evaluator = task.evaluator(model, mesh)
     writer = MetricWriter(workdir / "tb", enabled=is_main, keep_until=start if latest is not None else -1)
     if start == 0:
         writer.write_hparams(run_files.config_json(config))
@@ -223,13 +296,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
                 writer.write_scalars(done, {**values, **speed})
                 logging.info(progress.format(done, values, speed))
             if config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
-                val = evaluator.evaluate(state["params"], state["rest"],
-                                         _subset(manifest.split("val"), config.eval_max_studies))
-                writer.write_scalars(done, {"val/loss": val["loss"] or float("nan"),
-                                            "val/zero_shot_macro_f1": val["zero_shot"]["macro_f1"],
-                                            "val/retrieval_r5": val["retrieval"]["r5"]})
-                logging.info("step %d val: loss %s zero-shot macro F1 %.4f (all-positive %.4f)", done,
-                             val["loss"], val["zero_shot"]["macro_f1"], val["zero_shot"]["baselines"]["all_positive"])
+                writer.write_scalars(done, task.validate(evaluator, state, done))
             stopping = preempted.is_set() or done == stop_at_step
             if done % config.ckpt_every == 0 or done == config.total_steps or stopping:
                 check_finite()
@@ -254,21 +321,9 @@ def _train_and_evaluate(config, workdir, stop_at_step: int | None, preempted: th
     finally:  # stops Grain's workers and unlinks their shared-memory batches
         pipeline.close_iterator(data_iter)
 
-    split = config.final_eval_split
-    result, predictions = evaluator.evaluate_with_predictions(state["params"], state["rest"], manifest.split(split))
-    zs = result["zero_shot"]
-    writer.write_scalars(last_step, {f"{split}/zero_shot_macro_f1": zs["macro_f1"],
-                                     f"{split}/retrieval_r1": result["retrieval"]["r1"]})
+    result = task.final(evaluator, state, workdir, last_step, writer, is_main)
     writer.close()
     mngr.close()
-    if is_main:
-        path = run_files.write_results(workdir, split, last_step, result, config)
-        run_files.write_predictions(workdir, split, last_step, predictions)
-        logging.info("%s zero-shot macro F1 %.4f (baselines: all-positive %.4f, random %.4f); R@1/5/10 "
-                     "%.3f/%.3f/%.3f -> %s", split, zs["macro_f1"], zs["baselines"]["all_positive"],
-                     zs["baselines"]["random"], result["retrieval"]["r1"], result["retrieval"]["r5"],
-                     result["retrieval"]["r10"], path)
-        report.write_report(zs, split, workdir, step=last_step, log=logging.info)
     return result
 
 

@@ -69,10 +69,12 @@ def contrastive_loss_fn(mesh: Mesh) -> Callable:
                          in_specs=(P(BATCH), P(BATCH), P()), out_specs=P())
 
 
-def jit_train_step(model: Model, tx, schedule, config, mesh: Mesh, state_shardings) -> Callable:
+def jit_train_step(model: Model, tx, schedule, config, mesh: Mesh, state_shardings, *,
+                   grad_fn: Callable | None = None, metrics=None) -> Callable:
     """`make_train_step` jitted for the mesh: the state in and out with its shardings (donated), the
     batch as it arrives (`pipeline.to_global`: split over every device), the metrics replicated."""
-    return jax.jit(make_train_step(model, tx, schedule, config, mesh), donate_argnums=0,
+    return jax.jit(make_train_step(model, tx, schedule, config, mesh, grad_fn=grad_fn, metrics=metrics),
+                   donate_argnums=0,
                    in_shardings=(state_shardings, None), out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
@@ -190,8 +192,13 @@ def make_grad_fn(model: Model, config, mesh: Mesh) -> Callable:
     return gradcache if k > 1 else plain
 
 
-def make_train_step(model: Model, tx, schedule, config, mesh: Mesh) -> Callable:
-    grad_fn = make_grad_fn(model, config, mesh)
+def make_train_step(model: Model, tx, schedule, config, mesh: Mesh, *, grad_fn: Callable | None = None,
+                    metrics=None) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`: `grad_fn` (default: the CT model's
+    `make_grad_fn`; CXR-CLIP: `vljax.cxr.make_grad_fn`) and the optimiser update; `metrics` is the
+    clu collection its outputs fill (default `TrainMetrics`)."""
+    grad_fn = grad_fn or make_grad_fn(model, config, mesh)
+    metrics_cls = metrics or TrainMetrics
 
     def train_step(state, batch):
         step = state["step"]
@@ -211,8 +218,7 @@ def make_train_step(model: Model, tx, schedule, config, mesh: Mesh) -> Callable:
             "rng": state["rng"],
             "bad_step": jnp.where(~finite & (state["bad_step"] < 0), step, state["bad_step"]),
         }
-        metrics = TrainMetrics.single_from_model_output(
+        return new_state, metrics_cls.single_from_model_output(
             loss=loss, grad_norm=grad_norm, learning_rate=schedule(step), **aux)
-        return new_state, metrics
 
     return train_step

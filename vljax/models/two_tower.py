@@ -20,12 +20,19 @@ from flax import nnx
 
 from vljax.models import bert as bert_lib
 from vljax.models.conv import CONV_IMPLS
+from vljax.models.resnet import ResNet2D
 from vljax.models.resnet3d import ResNet3D
+from vljax.models.swin import SwinConfig, SwinModel
 
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BN_STATS = ("global", "per_device")  # config.model.image.bn_stats: statistics over the global batch, or per device
+BN_STATS = ("global", "per_device")
+IMAGE_TOWERS = ("resnet3d", "resnet2d", "swin")   # config.model.image.name
+# config.model.image.swin: Swin-Tiny (the published one) or a small one for the phantom on a CPU.
+SWIN_PRESETS = {"tiny": SwinConfig(),
+                "phantom": SwinConfig(image_size=64, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                                      window_size=4, drop_path_rate=0.0)}  # config.model.image.bn_stats: statistics over the global batch, or per device
 
 
 class MAPHead(nnx.Module):
@@ -64,7 +71,7 @@ POOLINGS = ("cls", "eos", "mean", "map", "sentence_mean")
 class TwoTower(nnx.Module):
     """Image tower + text tower + projections + logit scale (+ phenotype head)."""
 
-    def __init__(self, image_tower: ResNet3D, text_tower: bert_lib.BertModel, *, embed_dim: int = 512,
+    def __init__(self, image_tower: ResNet3D | ResNet2D | SwinModel, text_tower: bert_lib.BertModel, *, embed_dim: int = 512,
                  pooling: Literal["cls", "eos", "mean", "map", "sentence_mean"] = "cls",
                  eos_token_id: int | None = None,
                  logit_scale_init: float = 1.0, logit_scale_max: float | None = None,
@@ -100,8 +107,11 @@ class TwoTower(nnx.Module):
             s = jnp.minimum(s, self.logit_scale_max)
         return jnp.exp(s)
 
-    def image_features(self, volumes: Array, *, train: bool) -> Array:
-        """[B, D, H, W] or [B, D, H, W, C] volumes → pooled fp32 features [B, F]."""
+    def image_features(self, volumes: Array, *, train: bool, rngs: nnx.Rngs | None = None) -> Array:
+        """[B, (D,) H, W] or [B, (D,) H, W, C] images → pooled fp32 features [B, F]; `rngs` feeds a
+        Swin tower's drop-path in training (ResNets draw nothing)."""
+        if isinstance(self.image_tower, SwinModel):
+            return self.image_tower(volumes, train=train, rngs=rngs)
         return self.image_tower(volumes, train=train)
 
     def embed_image_features(self, features: Array, *, train: bool) -> Array:
@@ -164,6 +174,9 @@ class TwoTower(nnx.Module):
 class ModelSpec:
     """What `build_model` needs, read from `config.model` (see configs/merlin.py)."""
 
+    image_name: str = "resnet3d"           # "resnet3d" | "resnet2d" | "swin"
+    image_swin: str = "tiny"                # swin: a SWIN_PRESETS name
+    image_drop_path: float = 0.1            # swin: stochastic depth rate
     image_depth: int = 152
     image_width: int = 64
     image_norm: str = "batch"
@@ -189,8 +202,10 @@ class ModelSpec:
     @classmethod
     def from_config(cls, model_cfg: Any, num_phenotypes: int = 0) -> ModelSpec:
         img, txt = model_cfg.image, model_cfg.text
-        if img.name != "resnet3d":
-            raise ValueError(f"config.model.image.name={img.name!r}: the only image tower is 'resnet3d'")
+        if img.name not in IMAGE_TOWERS:
+            raise ValueError(f"config.model.image.name={img.name!r}: use one of {list(IMAGE_TOWERS)}")
+        if img.name == "swin" and img.get("swin", "tiny") not in SWIN_PRESETS:
+            raise ValueError(f"config.model.image.swin={img.swin!r}: use one of {sorted(SWIN_PRESETS)}")
         if txt.name != "bert":
             raise ValueError(f"config.model.text.name={txt.name!r}: the only text tower is 'bert'")
         if txt.init not in ("pretrained", "scratch"):
@@ -199,9 +214,11 @@ class ModelSpec:
         if conv not in CONV_IMPLS:
             raise ValueError(f"config.model.image.conv={conv!r}: use one of {list(CONV_IMPLS)}")
         image_init = img.get("init", "scratch")  # absent from configs saved before it existed
-        if image_init != "scratch" and not (image_init.startswith("torchvision:") and len(image_init) > 12):
-            raise ValueError(f"config.model.image.init={image_init!r}: use 'scratch' or "
-                             "'torchvision:/path/resnet.safetensors' (a torchvision ResNet state dict)")
+        prefix = "hf:" if img.name == "swin" else "torchvision:"
+        if image_init != "scratch" and not (image_init.startswith(prefix) and len(image_init) > len(prefix)):
+            raise ValueError(f"config.model.image.init={image_init!r}: use 'scratch' or " + (
+                "'hf:/path/swin-folder' (a Hugging Face Swin folder)" if img.name == "swin" else
+                "'torchvision:/path/resnet.safetensors' (a torchvision ResNet state dict)"))
         bn_stats = img.get("bn_stats", "global")  # absent from configs saved before it existed
         if bn_stats not in BN_STATS:
             raise ValueError(f"config.model.image.bn_stats={bn_stats!r}: use one of {list(BN_STATS)}")
@@ -211,7 +228,8 @@ class ModelSpec:
             raise ValueError("config.model.text.pooling='sentence_mean' embeds every sentence once, with a "
                              "locked text tower: set config.model.text.trainable=False, or use 'mean'")
         scale_max = model_cfg.logit_scale_max
-        return cls(image_depth=img.depth, image_width=img.width, image_norm=img.norm,
+        return cls(image_name=img.name, image_swin=img.get("swin", "tiny"),
+                   image_drop_path=float(img.get("drop_path", 0.1)), image_depth=img.depth, image_width=img.width, image_norm=img.norm,
                    image_num_groups=img.num_groups, image_remat=img.remat,
                    image_feature_norm=bool(img.feature_norm), image_conv=conv, image_init=image_init,
                    image_bn_stats=bn_stats,
@@ -236,9 +254,7 @@ class ModelSpec:
 def build_model(spec: ModelSpec, rngs: nnx.Rngs) -> TwoTower:
     """Randomly initialised two-tower model (the pretrained text weights come in `load_pretrained`)."""
     dtype = _DTYPES[spec.dtype]
-    image = ResNet3D(spec.image_depth, width=spec.image_width, norm=spec.image_norm,
-                     num_groups=spec.image_num_groups, remat=spec.image_remat, dtype=dtype,
-                     conv=spec.image_conv, bn_slices=spec.image_bn_slices, rngs=rngs)
+    image = build_image_tower(spec, rngs)
     text_cfg = spec.text_config()
     text = bert_lib.BertModel(text_cfg, dtype=dtype, rngs=rngs)
     # EOS pooling takes the last real token, which is [SEP] in BERT tokenisation.
@@ -246,6 +262,23 @@ def build_model(spec: ModelSpec, rngs: nnx.Rngs) -> TwoTower:
                     logit_scale_init=spec.logit_scale_init, logit_scale_max=spec.logit_scale_max,
                     num_phenotypes=spec.num_phenotypes, image_feature_norm=spec.image_feature_norm,
                     rngs=rngs)
+
+
+def build_image_tower(spec: ModelSpec, rngs: nnx.Rngs) -> ResNet3D | ResNet2D | SwinModel:
+    """The image tower `spec.image_name` names, randomly initialised."""
+    dtype = _DTYPES[spec.dtype]
+    if spec.image_name == "swin":
+        if spec.image_init.startswith("hf:"):
+            cfg = SwinConfig.from_hf_json(spec.image_init.removeprefix("hf:"))
+        else:
+            cfg = SWIN_PRESETS[spec.image_swin]
+        cfg = dataclasses.replace(cfg, drop_path_rate=spec.image_drop_path)
+        return SwinModel(cfg, dtype=dtype, rngs=rngs)
+    common = dict(width=spec.image_width, norm=spec.image_norm, num_groups=spec.image_num_groups,
+                  remat=spec.image_remat, dtype=dtype, bn_slices=spec.image_bn_slices, rngs=rngs)
+    if spec.image_name == "resnet2d":
+        return ResNet2D(spec.image_depth, **common)
+    return ResNet3D(spec.image_depth, conv=spec.image_conv, **common)
 
 
 def has_pretrained(spec: ModelSpec) -> bool:
@@ -259,14 +292,23 @@ def load_pretrained(model: TwoTower, spec: ModelSpec) -> None:
     (`image_init == "torchvision:<path>"`)."""
     from safetensors.numpy import load_file
 
-    if spec.image_init.startswith("torchvision:"):
+    if spec.image_init.startswith("hf:"):
+        from vljax.models.swin import load_hf_swin
+
+        load_hf_swin(model.image_tower, spec.image_init.removeprefix("hf:"))
+    elif spec.image_init.startswith("torchvision:"):
+        from vljax.models.resnet import load_torchvision_2d
         from vljax.models.resnet3d import inflate_from_torch_2d, load_torchvision_safetensors
 
         path = pathlib.Path(spec.image_init.removeprefix("torchvision:"))
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: config.model.image.init='torchvision:<path>' must "
                                     "name a torchvision ResNet state dict saved as .safetensors")
-        inflate_from_torch_2d(model.image_tower, load_torchvision_safetensors(str(path)))
+        state = load_torchvision_safetensors(str(path))
+        if spec.image_name == "resnet2d":
+            load_torchvision_2d(model.image_tower, state)
+        else:
+            inflate_from_torch_2d(model.image_tower, state)
     if spec.text_init != "pretrained":
         return
     folder = pathlib.Path(spec.text_path) if spec.text_path else bert_lib.default_bert_dir()
