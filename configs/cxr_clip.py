@@ -26,7 +26,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-from configs import merlin as _merlin
+from vljax.cli import parse_config_arg
 
 ARGS = {"phantom": bool, "tiny": bool, "seed": int, "data_seed": int, "steps": int, "batch": int,
         "image": str, "w_icl": float, "w_tcl": float}
@@ -34,7 +34,7 @@ IMAGE_TOWERS = ("resnet2d", "swin")
 
 
 def parse_arg(arg: str | None) -> dict:
-    out = _merlin.parse_arg_with(arg, ARGS, "configs/cxr_clip.py")
+    out = parse_config_arg(arg, ARGS, "configs/cxr_clip.py")
     if "image" in out and out["image"] not in IMAGE_TOWERS:
         raise ValueError(f"configs/cxr_clip.py: image={out['image']!r}; choose one of {list(IMAGE_TOWERS)}")
     return out
@@ -141,6 +141,8 @@ def _phantom(c: ml_collections.ConfigDict) -> None:
     c.data.phantom = True
     c.data.phantom_studies = 3000
     c.data.image_size = 64
+    c.data.mean, c.data.std = 0.43, 0.32   # the phantom's pixel statistics at 64 px
+    c.data.crop_scale = (0.8, 1.0)         # keeps the costophrenic angles (effusion, atelectasis) in view
     c.data.workers = 0          # batches of 64x64 images are built faster than worker processes start
     c.data.max_text_len = 64
     # A locked pretrained sentence encoder (the MiniLM shipped by pip), each text the mean of its

@@ -30,6 +30,8 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from vljax.cli import parse_config_arg
+
 # Arguments accepted after ':' and their types. `phantom` is a bare flag.
 ARGS = {"phantom": bool, "tiny": bool, "seed": int, "data_seed": int, "subset_seed": int, "steps": int, "batch": int,
         "sampling": str, "balance_ratio": float, "train_fraction": float, "geometry": str}
@@ -38,34 +40,9 @@ SAMPLING = ("random", "alternating", "balanced")
 GEOMETRIES = ("auto", "cpu", "accelerator")
 
 
-def parse_arg_with(arg: str | None, spec: dict, where: str) -> dict:
-    """'phantom,seed=3' -> {'phantom': True, 'seed': 3} by `spec` ({key: type}, bool keys bare);
-    raises ValueError naming `where` on unknown keys or bad values."""
-    out: dict = {}
-    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if key not in spec:
-            raise ValueError(f"{where}: unknown argument {key!r}; the arguments are "
-                             f"{sorted(spec)} (e.g. --config={where}:phantom,seed=3)")
-        kind = spec[key]
-        if kind is bool:
-            if sep and value.strip().lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"{where}: argument {key!r} takes no value or true/false, got {value!r}")
-            out[key] = (not sep) or value.strip().lower() in ("true", "1")
-        else:
-            if not sep:
-                raise ValueError(f"{where}: argument {key!r} needs a value ({key}=...)")
-            try:
-                out[key] = kind(value)
-            except ValueError:
-                raise ValueError(f"{where}: argument {key}={value!r} is not a valid {kind.__name__}") from None
-    return out
-
-
 def parse_arg(arg: str | None) -> dict:
     """'phantom,seed=3' -> {'phantom': True, 'seed': 3}; raises ValueError on unknown keys/bad types."""
-    out = parse_arg_with(arg, ARGS, "configs/merlin.py")
+    out = parse_config_arg(arg, ARGS, "configs/merlin.py")
     if "sampling" in out and out["sampling"] not in SAMPLING:
         raise ValueError(f"configs/merlin.py: sampling={out['sampling']!r}; choose one of {list(SAMPLING)}")
     if "geometry" in out and out["geometry"] not in GEOMETRIES:

@@ -156,7 +156,7 @@ def test_run_reports_every_evaluation_beside_its_baseline(cxr_run):
         assert probe["random_features"]["train_examples"] == probe["train_examples"]
     assert saved["linear_probe"]["10%"]["train_examples"] < saved["linear_probe"]["100%"]["train_examples"]
     # Every zero-shot number is recomputed from the saved predictions alone.
-    pred = np.load(workdir / "predictions_test.npz")
+    pred = np.load(workdir / "cxr_predictions_test.npz")
     labels, probs = pred["labels"], pred["probabilities"]
     for j, name in enumerate(pred["classes"]):
         known = (labels[:, j] == 0) | (labels[:, j] == 1)
@@ -227,3 +227,25 @@ def test_bad_options_are_refused_before_any_work(cxr_phantom_dir, small_hf_bert_
     with pytest.raises(ValueError, match="unknown argument"):
         cxr_clip.get_config("tiny,w_icll=0")
     assert cxr_clip.get_config("phantom,w_icl=0,w_tcl=0").loss.to_dict() == {"w_icl": 0.0, "w_tcl": 0.0}
+
+
+def test_the_icl_tcl_ablation_is_a_sweep_of_two_loss_settings(cxr_run):
+    from vljax.sweep import results as sweep_results
+    from vljax.sweep import spec
+
+    sweep = spec.load_sweep("configs/sweeps/cxr_ablation.py:smoke")
+    runs = sweep.runs()
+    assert [(r.setting, r.seed_index) for r in runs] == [("clip_only", 0), ("clip_only", 1), ("icl_tcl", 0),
+                                                         ("icl_tcl", 1)]
+    for r in runs:
+        config = spec.build_config(spec.trainer_flags(sweep, r))
+        assert config.task == "cxr_clip" and config.total_steps == cxr_clip.get_config("tiny").total_steps
+        assert (config.loss.w_icl, config.loss.w_tcl) == ((0.0, 0.0) if r.setting == "clip_only" else (1.0, 0.5))
+        assert (config.seed, config.data_seed) == (r.seed_index, r.seed_index)
+    # The sweep report reads a CXR-CLIP run's results: headline metrics, per-class F1, the probes.
+    workdir, _, result = cxr_run
+    metrics = sweep_results.run_metrics(json.loads((workdir / "results.json").read_text()))
+    assert metrics["macro_auroc"] == result["zero_shot"]["macro_auroc"]
+    assert metrics["r5"] == result["retrieval"]["r5"]
+    assert metrics["probe10%"] == result["linear_probe"]["10%"]["macro_auroc"]
+    assert {f"f1/{c}" for c in result["classes"]} <= set(metrics)

@@ -356,7 +356,9 @@ def main(argv=None) -> int:
 
         config = load()
         batch = a.batch or (config.batch_size if a.what == "step" else config.get("accum_steps", 1))
-        print(f"config {spec}, volume {tuple(config.data.shape)} (x,y,z), ResNet-{config.model.image.depth} "
+        shape = (f"volume {tuple(config.data.shape)} (x,y,z)" if "shape" in config.data else
+                 f"two {config.data.image_size}px views and two texts per study")
+        print(f"config {spec}, {shape}, {config.model.image.name} depth {config.model.image.depth} "
               f"width {config.model.image.width}, {config.model.dtype}, remat {config.model.image.remat}, "
               f"accum_steps {config.get('accum_steps', 1)}"
               + ("" if a.what == "fit" else f", batch {batch}"))

@@ -27,7 +27,7 @@ def _traced_step(config, batch: int, text_size: str | None):
 
     import jax
 
-    from vljax import checkpointing, inputs, modeling, sharding, update
+    from vljax import checkpointing, cxr, inputs, modeling, sharding, update
 
     config.batch_size = batch
     if text_size:
@@ -40,9 +40,16 @@ def _traced_step(config, batch: int, text_size: str | None):
     tx, schedule = update.make_optimizer(config)
     state = checkpointing.abstract_train_state(model, tx, config.seed, rep)
     data_sharding = sharding.batch_sharding(mesh)
-    spec = inputs.batch_spec(config, num_phenotypes=phen, hidden_size=model.spec.text_config().hidden_size)
+    hidden = model.spec.text_config().hidden_size
+    if cxr.is_cxr(config):  # two views and two texts per study, CXR-CLIP's loss
+        spec = cxr.batch_spec(config, hidden_size=hidden)
+        step_fn = update.make_train_step(model, tx, schedule, config, mesh, grad_fn=cxr.make_grad_fn(model, config, mesh),
+                                         metrics=cxr.CXRTrainMetrics)
+    else:
+        spec = inputs.batch_spec(config, num_phenotypes=phen, hidden_size=hidden)
+        step_fn = update.make_train_step(model, tx, schedule, config, mesh)
     b = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding) for k, (shape, dtype) in spec.items()}
-    step = jax.jit(update.make_train_step(model, tx, schedule, config, mesh), donate_argnums=0)
+    step = jax.jit(step_fn, donate_argnums=0)
     return step.trace(state, b), model, state, b
 
 
@@ -68,15 +75,15 @@ def step_inputs(state_abs, batch_abs):
                                    state["params"])
     data = {}
     for k, s in batch_abs.items():
-        if k == "image":
+        if k.startswith("image"):
             v = rng.uniform(0, 1, s.shape).astype(np.float32)
-        elif k in ("text_hidden", "text_pooled"):
+        elif k.startswith(("text_hidden", "text_pooled")):
             v = rng.standard_normal(s.shape).astype(s.dtype)
-        elif k == "attention_mask":
+        elif k.startswith("attention_mask"):
             v = np.ones(s.shape, np.int32)
         else:
             v = rng.integers(0, 2, s.shape).astype(s.dtype)
-        data[k] = jax.device_put(v.astype(s.dtype) if k == "image" else v, s.sharding)
+        data[k] = jax.device_put(v.astype(s.dtype) if k.startswith("image") else v, s.sharding)
     return state, data
 
 
@@ -127,9 +134,14 @@ def bench_step(config, batch: int, steps: int, text_size: str | None, run: bool,
     from vljax import flops
 
     traced, model, state_abs, batch_abs = _traced_step(config, batch, text_size)
-    fwd = model_flops(model, batch_abs, config)
-    train_flops = 3 * sum(fwd.values())
     program = flops.jaxpr_flops(traced.jaxpr)
+    if "image" in batch_abs:
+        fwd = model_flops(model, batch_abs, config)
+        train_flops = 3 * sum(fwd.values())
+    else:  # CXR-CLIP (no remat in its recipe): the step's own convolutions and matrix products
+        train_flops = program
+        print(f"CXR-CLIP: model FLOPs per step = the step's jaxpr (both views through the image tower, "
+              f"both texts through the text path, no remat): {_tf(program)}")
     print(f"program FLOPs per step (the step's jaxpr walked: what it issues, remat recompute included, no "
           f"gradient of the input volume; CPU depth-tap convs skip padding-only taps): {_tf(program)} "
           f"({program / train_flops:.3f} x model)")

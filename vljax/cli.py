@@ -163,3 +163,28 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
     except Exception as e:  # noqa: BLE001 - every parsing failure is a usage error here
         sys.stderr.write(f"error: {_explain(e, args)}\nPass --helpshort or --helpfull to see the flags.\n")
         sys.exit(2)
+
+
+def parse_config_arg(arg: str | None, spec: dict, where: str) -> dict:
+    """'phantom,seed=3' -> {'phantom': True, 'seed': 3} by `spec` ({key: type}, bool keys bare);
+    raises ValueError naming `where` on unknown keys or bad values."""
+    out: dict = {}
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in spec:
+            raise ValueError(f"{where}: unknown argument {key!r}; the arguments are "
+                             f"{sorted(spec)} (e.g. --config={where}:phantom,seed=3)")
+        kind = spec[key]
+        if kind is bool:
+            if sep and value.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{where}: argument {key!r} takes no value or true/false, got {value!r}")
+            out[key] = (not sep) or value.strip().lower() in ("true", "1")
+        else:
+            if not sep:
+                raise ValueError(f"{where}: argument {key!r} needs a value ({key}=...)")
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"{where}: argument {key}={value!r} is not a valid {kind.__name__}") from None
+    return out

@@ -3,7 +3,7 @@ model spec, the Grain source, the train step and the evaluations; `CXREvaluator`
 and evaluates a split:
 
 - zero-shot binary classification per class with the prompt pair "{Class}" / "No {class}" (AUROC,
-  accuracy, F1 against the all-positive and majority baselines);
+  accuracy, F1 against the all-positive and majority baselines), every labelled class but "no finding";
 - multi-class zero-shot over `config.eval.multiclass` (CheXpert 5×200 style: studies positive for
   exactly one of the classes), each class a prompt ensemble of its bank's positive sentences;
 - image→text retrieval R@1/5/10 over the studies with a report (text: the longer of findings and
@@ -29,8 +29,10 @@ from vljax.data import cxr_pipeline, pipeline
 from vljax.data import reports as reports_lib
 from vljax.data.cxr_manifest import CXRStudy
 from vljax.evals import cxr_eval
+from vljax.evals.linear_probe import linear_probe, random_feature_probe
 
 _PROJECT_ROWS = 256
+NO_PROMPT_PAIR = ("no finding",)   # left out of the default zero-shot classes
 
 
 class _NoSkips:
@@ -132,7 +134,7 @@ class CXRTask:
         writer.write_scalars(last_step, {f"{split}/zero_shot_macro_auroc": _nan(result["zero_shot"]["macro_auroc"])})
         if is_main:
             path = run_files.write_results(workdir, split, last_step, result, config)
-            np.savez(workdir / f"predictions_{split}.npz", **predictions)
+            np.savez(workdir / f"cxr_predictions_{split}.npz", **predictions)  # not the CT predictions format
             for line in summary_lines(result, split):
                 logging.info("%s", line)
             logging.info("-> %s", path)
@@ -180,7 +182,9 @@ class CXREvaluator:
     def __init__(self, config, model: modeling.Model, mesh: Mesh, tokenizer, bank, classes,
                  probe_train: tuple[CXRStudy, ...] = ()):
         self.config, self.model, self.mesh, self.tokenizer, self.bank = config, model, mesh, tokenizer, bank
-        self.classes = tuple(config.eval.classes or classes)
+        # "no finding" has no prompt pair: "No no finding" is not a sentence, and its pair would score
+        # the absence of every finding as if it were one (config.eval.classes can still name it).
+        self.classes = tuple(config.eval.classes or (c for c in classes if c not in NO_PROMPT_PAIR))
         self.probe_train = probe_train
         merge = lambda p, r: nnx.merge(model.graphdef, p, r, copy=True)  # noqa: E731
         jit = functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
@@ -276,8 +280,8 @@ class CXREvaluator:
         out = {}
         for fraction in self.config.eval.probe_fractions:
             key = f"{fraction:.0%}"
-            res = cxr_eval.linear_probe(train_x, train_y, test_x, test_y, fraction=fraction, seed=0, classes=classes)
-            res["random_features"] = cxr_eval.random_feature_probe(train_y, test_y, dim=train_x.shape[1],
-                                                                   fraction=fraction, seed=0, classes=classes)
+            res = linear_probe(train_x, train_y, test_x, test_y, fraction=fraction, seed=0, classes=classes)
+            res["random_features"] = random_feature_probe(train_y, test_y, dim=train_x.shape[1],
+                                                          fraction=fraction, seed=0, classes=classes)
             out[key] = res
         return out

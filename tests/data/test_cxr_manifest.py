@@ -12,6 +12,7 @@ import zipfile
 import pytest
 from PIL import Image
 
+from vljax.data import cxr_datasets, manifest
 from vljax.data import cxr_manifest as cm
 from vljax.data.cxr_manifest import CXRImage, CXRStudy
 from vljax.data.manifest import ManifestError
@@ -130,14 +131,14 @@ def test_mimic_groups_views_into_studies_with_sections_labels_and_splits(tmp_pat
 
 
 def test_report_sections():
-    assert cm.report_sections(REPORT_1) == ("PA and lateral views of the chest. Heart size is mildly enlarged.",
+    assert cxr_datasets.report_sections(REPORT_1) == ("PA and lateral views of the chest. Heart size is mildly enlarged.",
                                             "Mild cardiomegaly.")
-    assert cm.report_sections("FINDINGS: a.\nIMPRESSION: b.\nFINDINGS: c.") == ("a. c.", "b.")
-    assert cm.report_sections("Comparison none. FINDINGS: Clear lungs.  IMPRESSION:  Normal.") == (
+    assert cxr_datasets.report_sections("FINDINGS: a.\nIMPRESSION: b.\nFINDINGS: c.") == ("a. c.", "b.")
+    assert cxr_datasets.report_sections("Comparison none. FINDINGS: Clear lungs.  IMPRESSION:  Normal.") == (
         "Clear lungs.", "Normal.")
-    assert cm.report_sections("FINDINGS AND IMPRESSION: Normal chest.") == ("Normal chest.", None)
-    assert cm.report_sections("FINDINGS:\n\nIMPRESSION: \nWET READ: x") == (None, None)
-    assert cm.report_sections("Findings: lower-case headers are not headers.") == (None, None)
+    assert cxr_datasets.report_sections("FINDINGS AND IMPRESSION: Normal chest.") == ("Normal chest.", None)
+    assert cxr_datasets.report_sections("FINDINGS:\n\nIMPRESSION: \nWET READ: x") == (None, None)
+    assert cxr_datasets.report_sections("Findings: lower-case headers are not headers.") == (None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ def test_mimic_errors_name_the_study_and_the_file(tmp_path):
         cm.load_cxr_manifest(root)
     _assert_problems(e.value, [(cm.MISSING_FILE, "s50000001"), (cm.BAD_LABEL, "s50000001"),
                                (cm.UNKNOWN_VIEW, "s50000002"), (cm.BAD_ENCODING, "s50000002"),
-                               (cm.UNKNOWN_SPLIT, "s50000003"), (cm.MISSING_ROW, "s59999999")])
+                               (cm.UNKNOWN_SPLIT, "s50000003"), (manifest.MISSING_ROW, "s59999999")])
     text = str(e.value)
     assert "d2.jpg" in text and "'edema' is '2.0'" in text and "'OBLIQUE'" in text and "'holdout'" in text
 

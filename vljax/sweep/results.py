@@ -120,7 +120,7 @@ def _load_run(run: Run, record: dict) -> None:
         return
     try:
         run.results = json.loads(results_path.read_text())
-        _ = (run.results["zero_shot"]["macro_f1"], run.results["retrieval"]["r1"])
+        _ = run.results["zero_shot"]["macro_f1"], run.results["retrieval"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         run.status, run.results = f"unreadable ({results_path.name}: {type(e).__name__})", None
         return
@@ -190,11 +190,14 @@ def load_sweep(workdir: str | pathlib.Path) -> Sweep:
 
 def run_metrics(results: dict) -> dict[str, float | None]:
     """macro_f1, macro_auroc, r1, r5, r10 and f1/<finding> of one results.json (None: undefined, or a
-    finding without both classes on the split)."""
-    zs, r = results["zero_shot"], results["retrieval"]
-    out = {"macro_f1": zs["macro_f1"], "macro_auroc": zs["macro_auroc"], "r1": r["r1"], "r5": r["r5"],
-           "r10": r["r10"]}
+    finding without both classes on the split). CXR-CLIP runs (`vljax/cxr_task.py`): the binary
+    zero-shot's macro F1 / AUROC and f1/<class>, and the linear probes' macro AUROC as probe<fraction>."""
+    zs, r = results["zero_shot"], results["retrieval"] or {}
+    out = {"macro_f1": zs["macro_f1"], "macro_auroc": zs["macro_auroc"], "r1": r.get("r1"), "r5": r.get("r5"),
+           "r10": r.get("r10")}
+    for fraction, probe in (results.get("linear_probe") or {}).items():
+        out[f"probe{fraction}"] = probe["macro_auroc"]
     excluded = set(zs.get("excluded", ()))
-    for f, v in zs["per_finding"].items():
+    for f, v in zs.get("per_finding", zs.get("per_class", {})).items():
         out[f"f1/{f}"] = None if f in excluded else v["f1"]
     return out
