@@ -76,7 +76,8 @@ def small_hf_bert_dir(tmp_path_factory):
 # third of the suite) came last and ran alone for minutes after the other worker had finished;
 # longest first, the two workers end within one small module of each other. Tests within a module keep
 # their order, so module-scoped fixtures are still built once.
-LONGEST_MODULES_FIRST = ("tests/test_train.py", "tests/test_distributed.py", "tests/test_sharding.py",
+LONGEST_MODULES_FIRST = ("tests/test_train.py", "tests/test_distributed.py", "tests/test_cxr_train.py",
+                         "tests/test_sharding.py",
                          "tests/test_locked_text_tower.py",
                          "tests/models/test_resnet3d.py", "tests/sweep/test_runner.py")
 

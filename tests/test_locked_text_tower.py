@@ -41,8 +41,9 @@ def test_locked_text_tower_is_not_updated_and_its_cache_matches_the_tower(phanto
     bert, _ = load_hf_bert(small_hf_bert_dir)
     records = load_manifest(phantom_dir).split("train")[:6]
     table = inputs.text_table(config, inputs.tokenizer_for(config), records)
-    cached = inputs.cache_text_features(table, jax.jit(lambda i, m: bert(i, m))).hidden(np.arange(len(table)))
-    want = np.asarray(bert(table.input_ids, table.attention_mask))
+    tower = jax.jit(lambda i, m: bert(i, m))
+    cached = inputs.cache_text_features(table, tower).hidden(np.arange(len(table)))
+    want = np.asarray(tower(table.input_ids, table.attention_mask))  # one full-length call, no buckets
     real = table.attention_mask > 0
     np.testing.assert_allclose(cached[real].astype(np.float32), want[real], rtol=2e-3, atol=2e-3)
     assert not cached[~real].any()

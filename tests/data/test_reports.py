@@ -330,6 +330,28 @@ def test_tokenize_matches_tokenizers_library(tokenizer, tokenizer_dir, vocab, ma
     np.testing.assert_array_equal(out["attention_mask"], mask)
 
 
+def test_the_fast_loader_equals_autotokenizer_and_a_vocab_only_folder_still_loads(tokenizer, tokenizer_dir, tmp_path):
+    """The trainer loads tokenizer.json with the fast tokenizer class (no PyTorch import); the tokens
+    equal AutoTokenizer's, and a folder with only vocab.txt goes through AutoTokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    texts = [report_texts(PER_LINE)["full"], report_texts(INLINE)["kidneys"], "café : naïve t12 - l1 . 1 . 5 cm", ""]
+    auto = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    for max_length in (8, 200):
+        want = tokenize(auto, texts, max_length)
+        got = tokenize(tokenizer, texts, max_length)
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+    vocab_only = tmp_path / "vocab_only"
+    vocab_only.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, vocab_only / name)
+    slow = reports.load_tokenizer(vocab_only)
+    np.testing.assert_array_equal(tokenize(slow, texts, 32)["input_ids"], tokenize(auto, texts, 32)["input_ids"])
+
+
 def test_tokenize_special_ids_from_vocab(tokenizer, vocab):
     cls, sep, pad = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
     assert (cls, sep, pad) == (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)

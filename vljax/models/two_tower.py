@@ -31,8 +31,8 @@ BN_STATS = ("global", "per_device")
 IMAGE_TOWERS = ("resnet3d", "resnet2d", "swin")   # config.model.image.name
 # config.model.image.swin: Swin-Tiny (the published one) or a small one for the phantom on a CPU.
 SWIN_PRESETS = {"tiny": SwinConfig(),
-                "phantom": SwinConfig(image_size=64, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8),
-                                      window_size=4, drop_path_rate=0.0)}  # config.model.image.bn_stats: statistics over the global batch, or per device
+                "phantom": SwinConfig(image_size=64, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                                      drop_path_rate=0.0)}  # config.model.image.bn_stats: statistics over the global batch, or per device
 
 
 class MAPHead(nnx.Module):
