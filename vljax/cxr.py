@@ -266,8 +266,6 @@ def make_grad_fn(model: Model, config, mesh: Mesh) -> Callable:
             return interleave(batch["text_pooled1"], batch["text_pooled2"])
         ids = interleave(batch["input_ids1"], batch["input_ids2"])
         mask = interleave(batch["attention_mask1"], batch["attention_mask2"])
-        if "text_hidden" in batch:  # pragma: no cover - token-level locked caches are CT-only
-            raise NotImplementedError
         return m.text_features(ids, mask, train=True, rngs=nnx.Rngs(dropout=rng))
 
     def grad_fn(params, rest, batch, rng):

@@ -25,13 +25,13 @@ import numpy as np
 from flax import nnx
 
 from vljax import cxr, inputs, modeling, run_files, update
+from vljax import evaluator as evaluator_lib
 from vljax.data import cxr_pipeline, pipeline
 from vljax.data import reports as reports_lib
 from vljax.data.cxr_manifest import CXRStudy
 from vljax.evals import cxr_eval
 from vljax.evals.linear_probe import linear_probe, random_feature_probe
 
-_PROJECT_ROWS = 256
 NO_PROMPT_PAIR = ("no finding",)   # left out of the default zero-shot classes
 
 
@@ -79,8 +79,7 @@ class CXRTask:
         self.fingerprint = cxr.fingerprint(self.manifest, self.records, cxr.make_sampler(config, self.records))
 
     def model_spec(self, mesh):
-        spec = modeling.model_spec(self.config, None, mesh)
-        return spec
+        return modeling.model_spec(self.config, None, mesh)
 
     def source(self, text_fn):
         return cxr.train_source(self.config, self.manifest, self.tokenizer, self.bank, text_fn)
@@ -196,28 +195,12 @@ class CXREvaluator:
 
         self._image = jit(image)
         self._scale = jit(lambda p, r: merge(p, r).logit_scale())
-        self.sentence_mean = model.spec.pooling == "sentence_mean"
-        if self.sentence_mean:
-            self._pooled = jit(lambda p, r, ids, mask: merge(p, r).text_features(ids, mask, train=False))
-            self._project = jit(lambda p, r, f: merge(p, r).embed_text_features(f))
-        else:
-            self._text = jit(lambda p, r, ids, mask: merge(p, r).encode_text(ids, mask, train=False))
+        self.text = evaluator_lib.TextEmbedder(model, mesh, tokenizer, config.data.max_text_len)
         self._probe_cache: dict | None = None
 
     def embed_texts(self, params, rest, texts) -> np.ndarray:
         """[N, E] embeddings of raw texts (normalised here, as the training texts are)."""
-        texts = [reports_lib.normalize_report_text(t) for t in texts]
-        if not self.sentence_mean:
-            table = pipeline.tokenize_table(self.tokenizer, texts, self.config.data.max_text_len)
-            return inputs.run_text_tower(table, functools.partial(self._text, params, rest))
-        feats = inputs.sentence_features(texts, self.tokenizer, functools.partial(self._pooled, params, rest),
-                                         self.config.data.max_text_len)
-        out = []
-        for s in range(0, len(feats), _PROJECT_ROWS):
-            chunk = np.zeros((_PROJECT_ROWS, feats.shape[1]), np.float32)
-            chunk[:len(feats[s:s + _PROJECT_ROWS])] = feats[s:s + _PROJECT_ROWS]
-            out.append(np.asarray(self._project(params, rest, chunk))[:len(feats[s:s + _PROJECT_ROWS])])
-        return np.concatenate(out)
+        return self.text(params, rest, [reports_lib.normalize_report_text(t) for t in texts])
 
     def embed_images(self, params, rest, records) -> tuple[np.ndarray, np.ndarray]:
         """(pooled features, embeddings) of each study's evaluation image (`cxr_pipeline.eval_image`)."""

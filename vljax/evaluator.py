@@ -52,6 +52,41 @@ class Predictions:
     text_emb: np.ndarray   # [N, E] float32 full-report embeddings (before L2 normalisation)
 
 
+class TextEmbedder:
+    """`embedder(params, rest, texts)` → [N, E] embeddings of normalised texts by a model's own text
+    path, its jitted functions built once: token ids through the tower in length buckets, or with
+    "sentence_mean" pooling each text's mean sentence feature (the locked tower's pooled features of
+    each distinct sentence) through the projection, in chunks of fixed rows."""
+
+    def __init__(self, model: Model, mesh: Mesh, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+        merge = lambda p, r: nnx.merge(model.graphdef, p, r, copy=True)  # noqa: E731
+        jit = functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+        self.sentence_mean = model.spec.pooling == "sentence_mean"
+        if self.sentence_mean:
+            self.fns = {"pooled": jit(lambda p, r, ids, mask: merge(p, r).text_features(ids, mask, train=False)),
+                        "project": jit(lambda p, r, f: merge(p, r).embed_text_features(f))}
+        else:
+            self.fns = {"text": jit(lambda p, r, ids, mask: merge(p, r).encode_text(ids, mask, train=False))}
+
+    def __call__(self, params, rest, texts: Sequence[str]) -> np.ndarray:
+        if not self.sentence_mean:
+            table = pipeline.tokenize_table(self.tokenizer, list(texts), self.max_len)
+            return inputs.run_text_tower(table, functools.partial(self.fns["text"], params, rest))
+        feats = inputs.sentence_features(texts, self.tokenizer, functools.partial(self.fns["pooled"], params, rest),
+                                         self.max_len)
+        out = []
+        for s in range(0, len(feats), _PROJECT_ROWS):
+            chunk = feats[s:s + _PROJECT_ROWS]
+            padded = np.zeros((_PROJECT_ROWS, feats.shape[1]), np.float32)
+            padded[:len(chunk)] = chunk
+            out.append(np.asarray(self.fns["project"](params, rest, padded))[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def compile_counts(self) -> dict[str, int]:
+        return {k: f._cache_size() for k, f in self.fns.items()}
+
+
 class Evaluator:
     """`evaluate(params, rest, records)` -> zero-shot, retrieval and loss; `embed_texts`,
     `embed_images` for the diagnostics. Built once per run from its config, model and mesh."""
@@ -69,12 +104,7 @@ class Evaluator:
 
         self._image = jit(image)
         self._scale = jit(lambda p, r: merge(p, r).logit_scale())
-        self.sentence_mean = model.spec.pooling == "sentence_mean"
-        if self.sentence_mean:
-            self._pooled = jit(lambda p, r, ids, mask: merge(p, r).text_features(ids, mask, train=False))
-            self._project = jit(lambda p, r, f: merge(p, r).embed_text_features(f))
-        else:
-            self._text = jit(lambda p, r, ids, mask: merge(p, r).encode_text(ids, mask, train=False))
+        self.text = TextEmbedder(model, mesh, tokenizer, self.max_len)
         self.prompts = zero_shot.prompt_table(prompts.prompts_for(config.get("zero_shot_prompts", "merlin")))
         self._sources: dict[tuple, pipeline.EvalBatches] = {}
         self._disk_cache = inputs.volume_cache(config)
@@ -82,26 +112,14 @@ class Evaluator:
     def compile_counts(self) -> dict[str, int]:
         """How many times each jitted function has been compiled (its cache size)."""
         fns = {"image": self._image, "logit_scale": self._scale}
-        fns.update({"pooled": self._pooled, "project": self._project} if self.sentence_mean else {"text": self._text})
-        return {k: f._cache_size() for k, f in fns.items()}
+        return {**{k: f._cache_size() for k, f in fns.items()}, **self.text.compile_counts()}
 
     # ----------------------------------------------------------------------------------------------
     def embed_texts(self, params, rest, texts: Sequence[str]) -> np.ndarray:
         """[N, E] text embeddings of normalised texts, by the model's own text path: token ids through
         the tower, or with "sentence_mean" pooling the mean of the texts' sentence features through
         the projection."""
-        if not self.sentence_mean:
-            table = pipeline.tokenize_table(self.tokenizer, list(texts), self.max_len)
-            return inputs.run_text_tower(table, functools.partial(self._text, params, rest))
-        feats = inputs.sentence_features(texts, self.tokenizer, functools.partial(self._pooled, params, rest),
-                                         self.max_len)
-        out = []
-        for s in range(0, len(feats), _PROJECT_ROWS):
-            chunk = feats[s:s + _PROJECT_ROWS]
-            padded = np.zeros((_PROJECT_ROWS, feats.shape[1]), np.float32)
-            padded[:len(chunk)] = chunk
-            out.append(np.asarray(self._project(params, rest, padded))[:len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        return self.text(params, rest, texts)
 
     def _source(self, records) -> pipeline.EvalBatches:
         """The split's batches (volumes preprocessed in parallel once, for a large split with
