@@ -231,7 +231,7 @@ def test_bad_options_are_refused_before_any_work(cxr_phantom_dir, small_hf_bert_
     assert cxr_clip.get_config("phantom,w_icl=0,w_tcl=0").loss.to_dict() == {"w_icl": 0.0, "w_tcl": 0.0}
 
 
-def test_the_icl_tcl_ablation_is_a_sweep_of_two_loss_settings(cxr_run):
+def test_the_icl_tcl_ablation_is_a_sweep_of_two_loss_settings(cxr_run, tmp_path):
     from vljax.sweep import results as sweep_results
     from vljax.sweep import spec
 
@@ -244,6 +244,12 @@ def test_the_icl_tcl_ablation_is_a_sweep_of_two_loss_settings(cxr_run):
         assert config.task == "cxr_clip" and config.total_steps == cxr_clip.get_config("tiny").total_steps
         assert (config.loss.w_icl, config.loss.w_tcl) == ((0.0, 0.0) if r.setting == "clip_only" else (1.0, 0.5))
         assert (config.seed, config.data_seed) == (r.seed_index, r.seed_index)
+    # A local `run` points every run at one shared phantom (DIR/phantom), generated once.
+    from vljax.sweep import runner
+
+    plan = runner.plan(sweep, tmp_path)
+    assert {tuple(c.data.dirs) for c in plan.configs} == {(str(tmp_path.resolve() / "phantom"),)}
+    assert all(f"--config.data.dirs=('{tmp_path.resolve() / 'phantom'}',)" in flags for flags in plan.flags)
     # The sweep report reads a CXR-CLIP run's results: headline metrics, per-class F1, the probes.
     workdir, _, result = cxr_run
     metrics = sweep_results.run_metrics(json.loads((workdir / "results.json").read_text()))

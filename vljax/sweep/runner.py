@@ -56,14 +56,32 @@ def plan(sweep: spec_lib.Sweep, workdir: pathlib.Path | None = None, *, config_p
     path in the flags (default: resolved to an absolute path)."""
     config_path = config_path or str(spec_lib.resolve_path(sweep.config.partition(":")[0]))
     if workdir is not None:
-        configs = spec_lib.run_configs(sweep, sweep.runs())
-        identities = {(c.data.phantom_studies, c.data.phantom_seed, c.data.get("phantom_signs")) for c in configs}
-        if all(c.data.phantom and not c.data.dir for c in configs) and len(identities) == 1:
-            sweep = sweep.with_overrides({"data.dir": str(pathlib.Path(workdir).resolve() / "phantom")})
+        shared = _shared_phantom(spec_lib.run_configs(sweep, sweep.runs()), pathlib.Path(workdir).resolve() / "phantom")
+        if shared:
+            sweep = sweep.with_overrides(shared)
     runs = sweep.runs()
     flags = [spec_lib.trainer_flags(sweep, run, config_path) for run in runs]
     configs = spec_lib.run_configs(sweep, runs)
     return Plan(sweep, runs, flags, configs, spec_lib.manifest(sweep, runs, configs))
+
+
+def _shared_phantom(configs: list[ml_collections.ConfigDict], folder: pathlib.Path) -> dict | None:
+    """The override that points every run at one phantom in `folder`, when all of them would generate the
+    same phantom (CT: `data.dir`; CXR-CLIP: `data.dirs`); None otherwise."""
+    from vljax import cxr
+
+    kinds = {cxr.is_cxr(c) for c in configs}
+    if len(kinds) != 1 or not all(c.data.phantom for c in configs):
+        return None
+    if kinds == {True}:
+        keys = ("phantom_studies", "phantom_seed", "phantom_image_size", "phantom_label_only_fraction")
+        if any(c.data.dirs for c in configs) or len({tuple(c.data[k] for k in keys) for c in configs}) != 1:
+            return None
+        return {"data.dirs": (str(folder),)}
+    identities = {(c.data.phantom_studies, c.data.phantom_seed, c.data.get("phantom_signs")) for c in configs}
+    if any(c.data.dir for c in configs) or len(identities) != 1:
+        return None
+    return {"data.dir": str(folder)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,13 +289,14 @@ class _Sweeper:
 
     def _prepare_data(self, configs) -> None:
         """The shared phantom, generated once before the runs start (they would race to write it)."""
-        shared = str(self.dir / "phantom")
-        config = next((c for c in configs if c.data.phantom and c.data.dir == shared), None)
-        if config is not None:
-            from vljax import inputs
+        from vljax import cxr, inputs
 
+        shared = str(self.dir / "phantom")
+        where = lambda c: tuple(c.data.dirs or ())[:1] == (shared,) if cxr.is_cxr(c) else c.data.dir == shared  # noqa: E731
+        config = next((c for c in configs if c.data.phantom and where(c)), None)
+        if config is not None:
             self.log(f"phantom: {config.data.phantom_studies} studies in {shared} (shared by the runs)")
-            inputs.resolve_data(config, self.dir)
+            (cxr.resolve_data if cxr.is_cxr(config) else inputs.resolve_data)(config, self.dir)
 
     # ---------------------------------------------------------------- the loop
     def _loop(self, queue) -> None:
