@@ -43,7 +43,7 @@ Any config field can be set for every run with --set=KEY=VALUE (e.g. --set=data.
 
 from __future__ import annotations
 
-from vljax.sweep.spec import Sweep, SweepError, parse_args
+from vljax.sweep.spec import Sweep, SweepError, parse_args, variant_of
 
 ARGS = {"phantom": bool, "smoke": bool, "full": bool, "seeds": int, "settings": str, "decomposition": str}
 
@@ -71,10 +71,7 @@ def _names(text: str, default: tuple[str, ...], what: str) -> list[str]:
 
 def get_sweep(arg: str | None = None) -> Sweep:
     args = parse_args(arg, ARGS, "configs/sweeps/batch_composition.py")
-    variants = [v for v in ("phantom", "smoke", "full") if args.get(v)]
-    if len(variants) > 1:
-        raise SweepError(f"configs/sweeps/batch_composition.py: choose one of phantom, smoke, full (got {variants})")
-    variant = variants[0] if variants else "phantom"
+    variant = variant_of(args, "configs/sweeps/batch_composition.py")
     config = {"phantom": "configs/merlin.py:phantom", "smoke": "configs/merlin.py:tiny",
               "full": "configs/merlin.py"}[variant]
     default = SMOKE_SETTINGS if variant == "smoke" else tuple(SETTINGS)

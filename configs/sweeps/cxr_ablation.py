@@ -20,7 +20,7 @@ Arguments after ':' (comma-separated):
 
 from __future__ import annotations
 
-from vljax.sweep.spec import Sweep, SweepError, parse_args
+from vljax.sweep.spec import Sweep, parse_args, variant_of
 
 ARGS = {"phantom": bool, "smoke": bool, "full": bool, "seeds": int}
 SETTINGS = {
@@ -32,10 +32,7 @@ BASELINE = "clip_only"
 
 def get_sweep(arg: str | None = None) -> Sweep:
     args = parse_args(arg, ARGS, "configs/sweeps/cxr_ablation.py")
-    variants = [v for v in ("phantom", "smoke", "full") if args.get(v)]
-    if len(variants) > 1:
-        raise SweepError(f"configs/sweeps/cxr_ablation.py: choose one of phantom, smoke, full (got {variants})")
-    variant = variants[0] if variants else "phantom"
+    variant = variant_of(args, "configs/sweeps/cxr_ablation.py")
     config = {"phantom": "configs/cxr_clip.py:phantom", "smoke": "configs/cxr_clip.py:tiny",
               "full": "configs/cxr_clip.py"}[variant]
     return Sweep(name=f"cxr_ablation_{variant}", config=config, settings=dict(SETTINGS),

@@ -187,6 +187,17 @@ def load_sweep(spec: str, overrides: Mapping[str, Any] | None = None) -> Sweep:
     return dataclasses.replace(sweep.with_overrides(overrides or {}), spec=spec)
 
 
+VARIANTS = ("phantom", "smoke", "full")  # a sweep spec's size: the phantom default, the tiny config, the recipe
+
+
+def variant_of(args: Mapping[str, Any], where: str) -> str:
+    """The one of `VARIANTS` that a spec's parsed arguments name (default "phantom")."""
+    chosen = [v for v in VARIANTS if args.get(v)]
+    if len(chosen) > 1:
+        raise SweepError(f"{where}: choose one of {', '.join(VARIANTS)} (got {chosen})")
+    return chosen[0] if chosen else "phantom"
+
+
 def parse_args(arg: str | None, kinds: Mapping[str, type], where: str) -> dict:
     """'phantom,seeds=3,settings=a+b' -> typed dict; bare names are booleans (or the key's default
     string ''), unknown keys and bad values raise SweepError naming the valid ones."""
