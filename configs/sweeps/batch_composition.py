@@ -15,7 +15,10 @@ The published grid (settings; every one on the same steps and learning-rate sche
   fraction_40            ... 40 %
 
 100 % data is `alternating` itself (no `fraction_100` run: it would be the same run twice).
-The baseline for paired differences is `random`. Seed index k sets seed = data_seed = subset_seed = k
+The baseline for paired differences is `random`. Each balanced ratio is also paired with `alternating`,
+the schedule it runs on: that difference is the class ratio's alone (same steps, learning-rate and
+alternation schedule, same seeds), and it is the published study's comparison (its unbalanced
+baseline is the Merlin reproduction, which alternates). Seed index k sets seed = data_seed = subset_seed = k
 (`vljax.sweep.spec.seeds_for`), so seed index 0 of `alternating` is the recipe's own default run.
 
 Arguments after ':' (comma-separated):
@@ -57,6 +60,7 @@ SETTINGS = {
     "fraction_40": {"data.sampling": "alternating", "data.train_fraction": 0.4},
 }
 BASELINE = "random"
+COMPARISONS = {"balanced_25_75": "alternating", "balanced_50_50": "alternating", "balanced_75_25": "alternating"}
 SMOKE_SETTINGS = ("random", "alternating")
 
 
@@ -91,5 +95,7 @@ def get_sweep(arg: str | None = None) -> Sweep:
             decomposition["both"].append(name)
     return Sweep(name=f"batch_composition_{variant}", config=config, settings=settings,
                  seeds=args.get("seeds", 2 if variant == "smoke" else 3),
-                 baseline=BASELINE if BASELINE in settings else None, decomposition=decomposition, vary=vary,
+                 baseline=BASELINE if BASELINE in settings else None,
+                 comparisons={s: r for s, r in COMPARISONS.items() if s in settings and r in settings},
+                 decomposition=decomposition, vary=vary,
                  required=("data.dir",) if variant == "full" else ())

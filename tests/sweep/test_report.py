@@ -104,6 +104,7 @@ def sweep_dir(tmp_path):
     write_run(root, "fraction_40", 2, config_only=True)
     runs += [("fraction_40", 2), ("balanced", 3)]  # balanced seed 3: listed, never started
     meta = {"name": "batch_composition", "spec": "configs/sweeps/batch_composition.py:test", "baseline": "random",
+            "comparisons": {"balanced": "alternating", "fraction_40": "gone"},
             "decomposition": {"init_only": ["random_init"], "data_only": ["random_data"], "both": ["random"]},
             "runs": [{"setting": s, "seed_index": k,
                       "seeds": dict(zip(("seed", "data_seed", "subset_seed"), seeds_of(s, k))),
@@ -152,6 +153,10 @@ def test_report_on_a_synthetic_sweep_has_the_expected_numbers(sweep_dir):
     p = rows[("paired", "fraction_20", "alternating", "macro_f1")]
     assert p["n"] == "1" and num(p, "mean") == pytest.approx(0.50 - zs["macro_f1"]) and p["p_t"] == ""
     assert not [k for k in rows if k[0] == "paired" and k[1] in ("random_init", "random_data")]
+    # A further comparison of sweep.json: balanced against alternating, on their one shared seed index.
+    p = rows[("paired", "balanced", "alternating", "macro_f1")]
+    assert p["n"] == "1" and num(p, "mean") == pytest.approx(0.57 - zs["macro_f1"])
+    assert not [k for k in rows if k[:3] == ("paired", "fraction_40", "gone")]
 
     # One run: bootstrap over its studies, equal to stats.bootstrap_run on the saved arrays.
     want = stats.bootstrap_run(*preds, resamples=40, seed=2)
@@ -177,6 +182,11 @@ def test_report_on_a_synthetic_sweep_has_the_expected_numbers(sweep_dir):
     md = (root / "report.md").read_text()
     assert "- fraction_40 seed_2: failed (exit 1: ValueError: boom, no checkpoint)" in md
     assert "- balanced seed_3: not started" in md
+    assert "- comparison fraction_40 - gone: not both settings of this sweep, left out" in md
+    block = md.split("**Against alternating**")[1].split("**")[0]
+    assert "Δ vs alternating (points)" in block
+    assert [ln.split(" | ")[0].strip("| ") for ln in block.splitlines() if ln.startswith("| ")][1:] == [
+        "alternating", "balanced"]
     assert "1 of 17 finished runs have a predictions file; metrics recomputed from it equal results.json" in md
     # The paper-shaped table: random 62.00 ± 2.00 [CI] and balanced's difference in points.
     lo, hi = 62 - T975_DF2 * 2 / math.sqrt(3), 62 + T975_DF2 * 2 / math.sqrt(3)

@@ -32,6 +32,9 @@ def test_phantom_grid_is_the_published_study_times_seeds():
     runs = sweep.runs()
     assert sweep.name == "batch_composition_phantom" and sweep.config == "configs/merlin.py:phantom"
     assert dict(sweep.settings) == PUBLISHED and sweep.baseline == "random" and sweep.decomposition is None
+    # Each balanced ratio is also paired with the alternating schedule it runs on.
+    assert dict(sweep.comparisons) == {f"balanced_{r}": "alternating" for r in ("25_75", "50_50", "75_25")}
+    assert spec.load_sweep(f"{BC}:phantom,settings=random+balanced_50_50").comparisons == {}
     assert [(r.setting, r.seed_index) for r in runs] == [(s, k) for s in PUBLISHED for k in range(3)]
     assert [r.workdir for r in runs[:2]] == ["random/seed_0", "random/seed_1"]
     configs = spec.run_configs(sweep, runs)
@@ -134,6 +137,8 @@ def test_two_settings_that_are_the_same_run_are_refused():
         spec.Sweep(name="s", config="configs/merlin.py:tiny", settings={"a": {"seed": 3}})
     with pytest.raises(spec.SweepError, match="not a plain directory name"):
         spec.Sweep(name="s", config="configs/merlin.py:tiny", settings={"a/b": {}})
+    with pytest.raises(spec.SweepError, match="comparison 'a' - 'b' needs two different settings"):
+        spec.Sweep(name="s", config="configs/merlin.py:tiny", settings={"a": {}}, comparisons={"a": "b"})
 
 
 def test_an_unknown_field_is_refused_naming_it():
@@ -151,7 +156,8 @@ def test_sweep_json_refuses_another_sweep_and_accepts_a_grown_one(tmp_path):
     first = manifest("smoke", **{"data.dir": "/a"})
     spec.write_manifest(tmp_path, first)
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert saved == first and set(saved) == {"name", "spec", "baseline", "decomposition", "runs"}
+    assert saved == first and set(saved) == {"name", "spec", "baseline", "comparisons", "decomposition",
+                                                  "runs"}
     assert saved["runs"][0] == {"setting": "random", "seed_index": 0,
                                 "seeds": {"seed": 0, "data_seed": 0, "subset_seed": 0},
                                 "overrides": {"data.sampling": "random", "data.dir": "/a"}, "workdir": "random/seed_0"}

@@ -1,13 +1,13 @@
 """`python -m vljax.sweep report --workdir=DIR`: the statistics of a sweep, from its saved runs alone.
 
-Reads DIR/sweep.json (written by `vljax.sweep run`: settings, seeds, overrides, baseline, variance
-decomposition grids) and each run's results.json and predictions_<split>.npz
+Reads DIR/sweep.json (written by `vljax.sweep run`: settings, seeds, overrides, baseline, further
+comparisons, variance decomposition grids) and each run's results.json and predictions_<split>.npz
 (`run_files.write_predictions`), and writes
 
   DIR/report.md           tables: the paper-shaped macro F1 table, per-setting mean ± std and 95 %
                           t-intervals over seeds (macro F1, macro AUROC, R@1/5/10, per-finding F1),
-                          paired differences against the baseline setting (mean, CI, paired t and
-                          exact sign-flip p), bootstrap CIs of single-run settings, the variance
+                          paired differences against the baseline setting and the sweep's other
+                          comparisons (mean, CI, paired t and exact sign-flip p), bootstrap CIs of single-run settings, the variance
                           decomposition, runs not finished, and a check that every run's predictions
                           file reproduces its results.json
   DIR/report.csv          every number of report.md, one per row (`CSV_COLUMNS`; metrics as fractions
@@ -170,6 +170,7 @@ def analyse(sweep: Sweep, *, resamples: int = 1000, seed: int = 0) -> Analysis:
     pairs = [(s, sweep.baseline) for s in settings
              if sweep.baseline is not None and s != sweep.baseline and s not in sweep.one_factor_grids]
     pairs += [(s, curve[-1][1]) for curve in curves for _, s in curve[:-1] if (s, curve[-1][1]) not in pairs]
+    pairs += [(s, ref) for s, ref in sweep.comparisons.items() if (s, ref) not in pairs]
     paired = {(s, ref): _pair(sweep, values, s, ref, notes) for s, ref in pairs}
 
     bootstrap = {}
@@ -320,11 +321,13 @@ def format_markdown(a: Analysis, plots: list[str]) -> str:
               "`vljax/sweep/stats.py`.", ""]
     lines += [f"- {n}" for n in a.notes] + ([""] if a.notes else [])
 
-    # The paper's layout: strategies at the full data against the baseline, then each data-fraction
-    # curve against its largest fraction.
+    # The paper's layout: strategies at the full data against the baseline, the sweep's further
+    # comparisons by reference, then each data-fraction curve against its largest fraction.
     scaled = {s for curve in a.scaling for _, s in curve}
     blocks = [("Batch composition", base, [s for s in settings if s not in sw.one_factor_grids
                                            and (s not in scaled or s == curve_top(a, s))])]
+    for ref in dict.fromkeys(sw.comparisons.values()):
+        blocks.append((f"Against {ref}", ref, [ref] + [s for s in settings if sw.comparisons.get(s) == ref]))
     blocks += [("Training-data fraction", curve[-1][1], [s for _, s in curve]) for curve in a.scaling]
     lines += ["## Macro F1 (the published study's table)", ""]
     for title, ref, members in blocks:

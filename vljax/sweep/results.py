@@ -47,6 +47,7 @@ class Sweep:
     decomposition: dict | None
     runs: list[Run]
     notes: list[str]
+    comparisons: dict[str, str] = dataclasses.field(default_factory=dict)  # setting -> reference
 
     @property
     def settings(self) -> list[str]:
@@ -185,7 +186,14 @@ def load_sweep(workdir: str | pathlib.Path) -> Sweep:
     for key in ("name", "spec"):
         if meta and key not in meta:
             notes.append(f"sweep.json has no {key!r}")
-    return Sweep(root, meta.get("name", root.name), meta.get("spec"), baseline, meta.get("decomposition"), runs, notes)
+    comparisons = {}
+    for name, ref in (meta.get("comparisons") or {}).items():
+        if name in settings and ref in settings:
+            comparisons[name] = ref
+        else:
+            notes.append(f"comparison {name} - {ref}: not both settings of this sweep, left out")
+    return Sweep(root, meta.get("name", root.name), meta.get("spec"), baseline, meta.get("decomposition"), runs,
+                 notes, comparisons)
 
 
 def run_metrics(results: dict) -> dict[str, float | None]:

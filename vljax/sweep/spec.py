@@ -79,6 +79,8 @@ class Sweep:
 
     settings:      setting name -> {dotted config key: value}; names are directory names.
     baseline:      the setting others are compared with (paired by seed index), or None.
+    comparisons:   more paired differences, setting -> reference setting (e.g. each balanced ratio
+                   against the alternating schedule it runs on: the difference a class ratio alone makes).
     decomposition: {"init_only": [...], "data_only": [...], "both": [...]} setting names whose seeds
                    vary only the initialisation, only the data order, or both (variance decomposition).
     vary:          setting -> "init" | "data" (default "all": `seeds_for`).
@@ -91,6 +93,7 @@ class Sweep:
     settings: Mapping[str, Mapping[str, Any]]
     seeds: int = 3
     baseline: str | None = None
+    comparisons: Mapping[str, str] = dataclasses.field(default_factory=dict)
     decomposition: Mapping[str, Sequence[str]] | None = None
     vary: Mapping[str, str] = dataclasses.field(default_factory=dict)
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -113,6 +116,10 @@ class Sweep:
         if self.baseline is not None and self.baseline not in self.settings:
             raise SweepError(f"sweep {self.name}: baseline {self.baseline!r} is not a setting "
                              f"({sorted(self.settings)})")
+        for name, ref in self.comparisons.items():
+            if name not in self.settings or ref not in self.settings or name == ref:
+                raise SweepError(f"sweep {self.name}: comparison {name!r} - {ref!r} needs two different "
+                                 f"settings ({sorted(self.settings)})")
         for name, vary in self.vary.items():
             if name not in self.settings or vary not in VARY:
                 raise SweepError(f"sweep {self.name}: vary[{name!r}] = {vary!r}: needs a setting and one of {VARY}")
@@ -348,6 +355,7 @@ def typed_overrides(run: Run, config: ml_collections.ConfigDict) -> dict[str, An
 def manifest(sweep: Sweep, runs: Sequence[Run], configs: Sequence[ml_collections.ConfigDict]) -> dict:
     """DIR/sweep.json: what `report` reads. Each run's workdir is relative to DIR."""
     return {"name": sweep.name, "spec": sweep.spec, "baseline": sweep.baseline,
+            "comparisons": dict(sweep.comparisons),
             "decomposition": ({k: list(v) for k, v in sweep.decomposition.items()}
                               if sweep.decomposition else None),
             "runs": [{"setting": r.setting, "seed_index": r.seed_index, "seeds": dict(r.seeds),
