@@ -217,6 +217,15 @@ def test_a_directory_of_another_sweep_or_a_run_of_another_config_is_refused(phan
                                              "away or use another --workdir"]
     assert not (workdir / "random/seed_0/train.log").exists()
 
+    # A run finished by older code, whose config lacks a field this code has (and has one it dropped):
+    # skipped, and said; a field both hold with another value is still a conflict.
+    old = {**config, "dropped_field": 1, "data": {k: v for k, v in config["data"].items() if k != "prefetch"}}
+    results.write_text(json.dumps({"config": old}))
+    rc, lines = _run(sweep, workdir)
+    assert rc == 0 and json.loads(results.read_text())["config"] == old
+    assert _said(lines, "random/seed_0") == ["finished (results.json), skipping (written by code with other "
+                                             "config fields: data.prefetch, dropped_field)"]
+
 
 def _wait_for(path: pathlib.Path, pattern: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout

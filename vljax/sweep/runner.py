@@ -112,19 +112,30 @@ def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
-def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
+_ABSENT = object()
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> tuple[list[str], list[str]]:
+    """(keys both configs hold with different values, keys only one of them holds)."""
+    differ, one_side = [], []
     for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
+        x, y = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _differing_keys(x, y, f"{prefix}{key}.")
+            d, o = _differing_keys(x, y, f"{prefix}{key}.")
+            differ, one_side = differ + d, one_side + o
+        elif x is _ABSENT or y is _ABSENT:
+            one_side.append(f"{prefix}{key}")
         elif x != y:
-            out.append(f"{prefix}{key}")
-    return out
+            differ.append(f"{prefix}{key}")
+    return differ, one_side
 
 
-def _config_conflict(saved: dict, expected: dict) -> list[str]:
-    return [k for k in _differing_keys(saved, expected) if k not in spec_lib.MOVABLE_KEYS]
+def _config_conflict(saved: dict, expected: dict) -> tuple[list[str], list[str]]:
+    """Fields where a run's saved config contradicts its grid entry's, and fields only one of them has.
+    The second are not a conflict: the code that wrote the run had fewer (or more) config fields than
+    this one, as when a sweep is continued after an upgrade; the trainer's resume checks its own."""
+    differ, one_side = _differing_keys(saved, expected)
+    return [k for k in differ if k not in spec_lib.MOVABLE_KEYS], one_side
 
 
 def _alive(pid: int | None, run_dir: pathlib.Path, trainer: str = TRAINER) -> bool:
@@ -152,14 +163,16 @@ def classify(run_dir: pathlib.Path, expected: dict, record: dict, trainer: str =
                                 "process); left alone: stop it, or wait, and run the sweep again")
     results = run_dir / "results.json"
     if results.is_file():
-        differ = _config_conflict(json.loads(results.read_text()).get("config", {}), expected)
+        differ, one_side = _config_conflict(json.loads(results.read_text()).get("config", {}), expected)
         if differ:
             return Decision("conflict", f"finished with another config (differs in {', '.join(differ[:6])}); "
                                         "move its workdir away or use another --workdir")
-        return Decision("skip", "finished (results.json), skipping")
+        other_code = (f" (written by code with other config fields: {', '.join(one_side[:6])}"
+                      f"{' ...' if len(one_side) > 6 else ''})") if one_side else ""
+        return Decision("skip", f"finished (results.json), skipping{other_code}")
     saved = run_dir / "config.json"
     if saved.is_file():
-        differ = _config_conflict(json.loads(saved.read_text()), expected)
+        differ, _ = _config_conflict(json.loads(saved.read_text()), expected)
         if differ:
             return Decision("conflict", f"was started with another config (differs in {', '.join(differ[:6])}); "
                                         "move its workdir away or use another --workdir")
