@@ -7,8 +7,8 @@ comparisons, variance decomposition grids) and each run's results.json and predi
   DIR/report.md           tables: the paper-shaped macro F1 table, per-setting mean ± std and 95 %
                           t-intervals over seeds (macro F1, macro AUROC, R@1/5/10, per-finding F1),
                           paired differences against the baseline setting and the sweep's other
-                          comparisons (mean, CI, paired t and exact sign-flip p), bootstrap CIs of single-run settings, the variance
-                          decomposition, runs not finished, and a check that every run's predictions
+                          comparisons (mean, CI, paired t and exact sign-flip p), bootstrap CIs of
+                          single-run settings, the variance decomposition, runs not finished, and a check that every run's predictions
                           file reproduces its results.json
   DIR/report.csv          every number of report.md, one per row (`CSV_COLUMNS`; metrics as fractions
                           in [0, 1], as results.json holds them; differences in the same units)
